@@ -1,0 +1,42 @@
+"""The batch contract between data loading, models and methods.
+
+All geometry is in *pixels of the network input* (a square ``imgsz`` canvas) unless a name
+says otherwise. Boxes are ``xyxy``. Matrices are 3x3 homogeneous affine transforms that map
+pixel coordinates of the *original* image to pixel coordinates of a view::
+
+    [x', y', 1]^T = M @ [x, y, 1]^T
+
+so a box seen in the weak view maps into the strong view with ``M_strong @ inv(M_weak)``.
+
+Labeled batch (dict), produced by ``LabeledDataset`` + ``collate_labeled``:
+    img        float32 (B, 3, S, S) in [0, 1], RGB
+    boxes      float32 (N, 4) xyxy pixels of ``img``
+    cls        int64   (N,)
+    batch_idx  int64   (N,)  which image each box belongs to
+    M          float32 (B, 3, 3) original -> view
+    orig_size  int64   (B, 2) (h, w) of the original image
+    paths      list[str]
+    skipped    list[tuple[str, str]]  unreadable files replaced by another sample (path, reason)
+
+Unlabeled batch (dict), produced by ``UnlabeledDataset`` + ``collate_unlabeled``:
+    weak, strong          float32 (B, 3, S, S)
+    M_weak, M_strong      float32 (B, 3, 3)
+    orig_size, paths, skipped   as above
+    gt_boxes, gt_cls, gt_batch_idx   hidden labels mapped into the *weak* view when the dataset
+                                     has them (demo data does), else empty tensors
+
+Detections (what ``Detector.predict`` returns, one dict per image):
+    boxes (K, 4) xyxy pixels of the input, scores (K,), labels (K,) int64
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+Batch = dict[str, Any]
+
+LABELED_KEYS = ("img", "boxes", "cls", "batch_idx", "M", "orig_size", "paths", "skipped")
+UNLABELED_KEYS = (
+    "weak", "strong", "M_weak", "M_strong", "orig_size", "paths", "skipped",
+    "gt_boxes", "gt_cls", "gt_batch_idx",
+)

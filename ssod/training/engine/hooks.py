@@ -1,0 +1,141 @@
+"""Trainer hooks (detectron2 style): everything around the step lives here, not in the loop."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from ssod.training.engine.trainer import Trainer
+
+LOG = logging.getLogger("ssod")
+
+
+class Hook:
+    """No-op base; override what you need. ``trainer`` exposes the whole training state."""
+
+    def before_train(self, trainer: "Trainer") -> None: ...
+    def before_epoch(self, trainer: "Trainer") -> None: ...
+    def before_step(self, trainer: "Trainer") -> None: ...
+    def after_step(self, trainer: "Trainer") -> None: ...
+    def after_epoch(self, trainer: "Trainer") -> None: ...
+    def after_train(self, trainer: "Trainer") -> None: ...
+
+
+class EMATeacherHook(Hook):
+    """Updates the EMA teacher after every optimiser step; copies the student at burn-in's end."""
+
+    def before_epoch(self, trainer: "Trainer") -> None:
+        if trainer.burn_in_epochs > 0 and trainer.epoch == trainer.burn_in_epochs and trainer.method.uses_unlabeled:
+            trainer.ema.copy_from(trainer.student)
+            LOG.info("burn-in done: teacher copied from the student")
+
+    def after_step(self, trainer: "Trainer") -> None:
+        trainer.ema.update(trainer.student)
+
+
+class EvalHook(Hook):
+    """COCO mAP of the EMA teacher on the val split every ``val_interval`` epochs and at the end."""
+
+    def after_epoch(self, trainer: "Trainer") -> None:
+        last = trainer.epoch + 1 == trainer.epochs
+        if trainer.val_loader is None or not (last or (trainer.epoch + 1) % trainer.cfg["val_interval"] == 0):
+            return
+        result = trainer.evaluate()
+        trainer.epoch_metrics.update({f"val/{k}": v for k, v in result["metrics"].items()})
+        trainer.last_eval = result
+        fitness = 0.9 * result["metrics"]["mAP50-95"] + 0.1 * result["metrics"]["mAP50"]
+        trainer.is_best = fitness > trainer.best_fitness
+        if trainer.is_best:
+            trainer.best_fitness = fitness
+
+
+class MetricsLoggerHook(Hook):
+    """One CSV row per epoch (losses, lr, time, val metrics, method values) and PNG plots."""
+
+    def __init__(self, run_dir: Path, plots: bool = True):
+        self.csv_path = Path(run_dir) / "results.csv"
+        self.plots = plots
+
+    def before_train(self, trainer: "Trainer") -> None:
+        # On resume drop rows of epochs the checkpoint does not contain.
+        rows = self._read()
+        self._write([r for r in rows if int(r["epoch"]) <= trainer.start_epoch])
+
+    def after_epoch(self, trainer: "Trainer") -> None:
+        row = {"epoch": trainer.epoch + 1, **trainer.epoch_metrics}
+        rows = self._read() + [{k: _fmt(v) for k, v in row.items()}]
+        self._write(rows)
+        if self.plots:
+            from ssod.training.engine.plots import plot_results
+
+            try:
+                plot_results(self.csv_path, self.csv_path.with_suffix(".png"))
+            except Exception as e:  # a plot must never end a training run
+                LOG.warning("could not plot %s: %s", self.csv_path, e)
+
+    def _read(self) -> list[dict[str, str]]:
+        if not self.csv_path.exists():
+            return []
+        with open(self.csv_path, newline="") as f:
+            return list(csv.DictReader(f))
+
+    def _write(self, rows: list[dict[str, Any]]) -> None:
+        keys: list[str] = []
+        for r in rows:
+            keys += [k for k in r if k not in keys]
+        tmp = self.csv_path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys, restval="")
+            w.writeheader()
+            w.writerows(rows)
+        tmp.replace(self.csv_path)
+
+
+def _fmt(v: Any) -> Any:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return v
+
+
+class CheckpointHook(Hook):
+    """Writes last.pt every epoch and best.pt when the EMA teacher's fitness improves."""
+
+    def after_epoch(self, trainer: "Trainer") -> None:
+        from ssod.training.engine.checkpoint import save_checkpoint
+
+        ckpt = trainer.checkpoint_state()
+        save_checkpoint(ckpt, trainer.run_dir / "weights" / "last.pt")
+        if trainer.is_best:
+            save_checkpoint(ckpt, trainer.run_dir / "weights" / "best.pt")
+
+
+class TimerHook(Hook):
+    """Epoch wall time and images/s into the epoch metrics."""
+
+    def before_epoch(self, trainer: "Trainer") -> None:
+        self.t0 = time.perf_counter()
+
+    def after_epoch(self, trainer: "Trainer") -> None:
+        dt = time.perf_counter() - self.t0
+        trainer.epoch_metrics["time/epoch_s"] = dt
+
+
+def is_finite(x: torch.Tensor) -> bool:
+    return bool(torch.isfinite(x).all())
+
+
+def mean_dict(dicts: list[dict[str, float]]) -> dict[str, float]:
+    keys = {k for d in dicts for k in d}
+    return {k: float(np.mean([d[k] for d in dicts if k in d])) for k in sorted(keys)}
+
+
+def fmt_losses(d: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.3f}" for k, v in d.items() if not math.isnan(v))

@@ -1,0 +1,367 @@
+"""The one training loop. Methods supply losses, hooks do everything else.
+
+    for epoch:                      hooks.before_epoch  (EMA copy at burn-in end, timers)
+        for labeled, unlabeled:     hooks.before_step
+            losses = method.losses(labeled, unlabeled, student, teacher)
+            backward, clip, step    hooks.after_step    (EMA teacher update)
+                                    hooks.after_epoch   (method thresholds, eval, CSV, checkpoint)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from ssod.training.engine.checkpoint import CHECKPOINT_VERSION, load_checkpoint, plain
+from ssod.training.engine.ema import ModelEMA
+from ssod.training.engine.hooks import (
+    CheckpointHook,
+    EMATeacherHook,
+    EvalHook,
+    Hook,
+    MetricsLoggerHook,
+    TimerHook,
+    fmt_losses,
+    is_finite,
+    mean_dict,
+)
+
+LOG = logging.getLogger("ssod")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/inf: stop with a message that says what to do."""
+
+
+def select_device(name: str) -> torch.device:
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device '{name}' requested but CUDA is not available on this machine; use --device cpu")
+    return torch.device(name)
+
+
+def next_run_dir(parent: Path, name: str) -> Path:
+    """parent/name, or parent/name-2, -3, ... if taken (never overwrites a run)."""
+    cand, i = parent / name, 2
+    while cand.exists():
+        cand, i = parent / f"{name}-{i}", i + 1
+    return cand
+
+
+def param_groups(modules: list[nn.Module], weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on conv/linear weights only; norms and biases are never decayed."""
+    decay, no_decay, bias = [], [], []
+    for module in modules:
+        for m in module.modules():
+            for pname, p in m.named_parameters(recurse=False):
+                if not p.requires_grad:
+                    continue
+                if pname == "bias":
+                    bias.append(p)
+                elif isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)):
+                    no_decay.append(p)
+                else:
+                    decay.append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay, "kind": "weight"},
+        {"params": no_decay, "weight_decay": 0.0, "kind": "norm"},
+        {"params": bias, "weight_decay": 0.0, "kind": "bias"},
+    ]
+
+
+class Trainer:
+    """Builds data, model, teacher, method and hooks from a resolved config, then trains."""
+
+    def __init__(self, cfg: dict[str, Any], run_dir: str | Path | None = None):
+        from ssod.training.data.formats import load_dataset
+        from ssod.training.methods.base import build_method
+        from ssod.training.models.base import build_model
+
+        self.cfg = cfg = dict(cfg)
+        self.device = select_device(str(cfg["device"]))
+        if cfg.get("deterministic"):
+            torch.use_deterministic_algorithms(True, warn_only=True)
+
+        ckpt = None
+        if cfg.get("resume"):
+            ckpt = load_checkpoint(cfg["resume"])
+            saved = ckpt["config"]
+            # The saved config decides everything but the device/worker count of the new machine.
+            cfg = self.cfg = {**saved, "resume": cfg["resume"], "device": cfg["device"], "workers": cfg["workers"]}
+            run_dir = Path(cfg["resume"]).resolve().parent.parent
+
+        if not cfg.get("data"):
+            from ssod.training.data.demo import ensure_demo_dataset
+
+            cfg["data"] = str(ensure_demo_dataset())
+        self.spec = load_dataset(cfg["data"])
+        self.names = list(self.spec.names)
+
+        model_spec = {"model": cfg["model"], "names": self.names, "width": cfg.get("width"), "depth": cfg.get("depth")}
+        if ckpt is not None:
+            model_spec = ckpt["model_spec"]
+        torch.manual_seed(cfg["seed"])
+        self.student = build_model(model_spec).to(self.device)
+        if cfg.get("weights") and ckpt is None:
+            self.student.load_weights(cfg["weights"])
+
+        self.method = build_method(cfg["method"], cfg.get("method_cfg") or {})
+        self.extra: nn.Module | None = getattr(self.method, "extra_modules", lambda: None)()
+        if self.extra is not None:
+            self.extra.to(self.device)
+        mb = cfg.get("burn_in_epochs")
+        self.burn_in_epochs = int(mb if mb is not None else self.method.cfg.get("burn_in_epochs", 0))
+        self.ema = ModelEMA(self.student, cfg["ema_decay"], cfg["ema_tau"])
+
+        self._build_data()
+        self.optimizer = self._build_optimizer()
+        self.use_amp = bool(cfg["amp"]) and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+
+        self.epochs = int(cfg["epochs"])
+        self.start_epoch = 0
+        self.iteration = 0
+        self.best_fitness = -math.inf
+        self.is_best = False
+        self.last_eval: dict[str, Any] | None = None
+        if ckpt is not None:
+            self._restore(ckpt)
+
+        name = cfg.get("name") or f"{cfg['method']}-{Path(str(cfg['model'])).stem}"
+        self.run_dir = Path(run_dir) if run_dir else next_run_dir(Path(cfg["out"]), name)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(plain(cfg), sort_keys=False))
+
+        self.hooks: list[Hook] = [
+            TimerHook(),
+            EMATeacherHook(),
+            *self.method.hooks(),
+            EvalHook(),
+            MetricsLoggerHook(self.run_dir, plots=cfg["plots"]),
+            CheckpointHook(),
+        ]
+
+    # ----------------------------------------------------------------------------- building
+    def _build_data(self) -> None:
+        from ssod.training.data.loader import LabeledDataset, PairedLoader, UnlabeledDataset, build_val_loader
+        from ssod.training.data.views import LabeledAug, StrongAug, WeakAug
+
+        cfg, aug = self.cfg, self.cfg["aug"]
+        if not self.spec.train:
+            raise ValueError(f"{cfg['data']}: the train split has no labeled images")
+        geo = dict(flip_p=aug["flip_p"], scale=tuple(aug["scale"]), translate=aug["translate"],
+                   degrees=aug["degrees"], shear=aug["shear"])
+        labeled = LabeledDataset(
+            self.spec.train, cfg["imgsz"],
+            LabeledAug(**geo, hsv=aug["hsv"], mosaic_p=aug["mosaic_p"], mixup_p=aug["mixup_p"]),
+            train=True, seed=cfg["seed"],
+        )
+        unlabeled = None
+        if self.method.uses_unlabeled:
+            if not self.spec.unlabeled:
+                raise ValueError(f"{cfg['data']}: method '{self.method.name}' needs unlabeled images (`unlabeled:` key)")
+            unlabeled = UnlabeledDataset(
+                self.spec.unlabeled, cfg["imgsz"], WeakAug(flip_p=aug["flip_p"]), StrongAug(**geo),
+                seed=cfg["seed"], hidden=self.spec.unlabeled_hidden,
+            )
+        self.loader = PairedLoader(
+            labeled, unlabeled, batch_size=cfg["batch"], unlabeled_ratio=cfg["unlabeled_ratio"],
+            workers=cfg["workers"], seed=cfg["seed"], steps_per_epoch=cfg.get("steps_per_epoch"),
+        )
+        self.val_loader = (
+            build_val_loader(self.spec.val, cfg["imgsz"], cfg["batch"] * 2, cfg["workers"]) if self.spec.val else None
+        )
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        cfg = self.cfg
+        modules = [self.student] + ([self.extra] if self.extra is not None else [])
+        groups = param_groups(modules, cfg["weight_decay"])
+        if cfg["optimizer"] == "sgd":
+            opt = torch.optim.SGD(groups, lr=cfg["lr0"], momentum=cfg["momentum"], nesterov=True)
+        elif cfg["optimizer"] == "adamw":
+            opt = torch.optim.AdamW(groups, lr=cfg["lr0"], betas=(cfg["momentum"], 0.999))
+        else:
+            raise ValueError(f"unknown optimizer '{cfg['optimizer']}': use sgd or adamw")
+        return opt
+
+    # ----------------------------------------------------------------------------- schedule
+    def lr_factor(self, progress: float) -> float:
+        """LR multiplier at ``progress`` in [0, 1] of the whole run (cosine or linear to lrf)."""
+        lrf = self.cfg["lrf"]
+        if self.cfg["scheduler"] == "cosine":
+            return lrf + (1 - lrf) * 0.5 * (1 + math.cos(math.pi * progress))
+        return 1 - (1 - lrf) * progress
+
+    def set_lr(self) -> float:
+        cfg, steps = self.cfg, len(self.loader)
+        total = max(1, self.epochs * steps)
+        warm = int(round(cfg["warmup_epochs"] * steps))
+        base = cfg["lr0"] * self.lr_factor(self.iteration / total)
+        for g in self.optimizer.param_groups:
+            lr = base
+            if self.iteration < warm:
+                t = self.iteration / warm
+                start = cfg["warmup_bias_lr"] if g["kind"] == "bias" and cfg["optimizer"] == "sgd" else 0.0
+                lr = start + (base - start) * t
+                if "momentum" in g:
+                    g["momentum"] = 0.8 + (cfg["momentum"] - 0.8) * t
+            g["lr"] = lr
+        return base
+
+    # ----------------------------------------------------------------------------- loop
+    @property
+    def teacher(self):
+        return self.ema.model
+
+    def _call(self, event: str) -> None:
+        for h in self.hooks:
+            getattr(h, event)(self)
+
+    def train(self) -> dict[str, Any]:
+        from ssod.training.engine.progress import progress_bar
+
+        self._call("before_train")
+        LOG.info("training %s on %s for %d epochs -> %s", self.cfg["method"], self.device, self.epochs, self.run_dir)
+        for self.epoch in range(self.start_epoch, self.epochs):
+            # Seeding per epoch makes a resumed run draw exactly what an uninterrupted one would.
+            torch.manual_seed(self.cfg["seed"] * 1000 + self.epoch)
+            random.seed(self.cfg["seed"] * 1000 + self.epoch)
+            np.random.seed((self.cfg["seed"] * 1000 + self.epoch) % 2**32)
+            self.method.epoch = self.epoch
+            self.method.burn_in = self.epoch < self.burn_in_epochs
+            self.epoch_metrics: dict[str, Any] = {}
+            self.is_best = False
+            self._call("before_epoch")
+            self.student.train()
+            if self.extra is not None:
+                self.extra.train()
+            step_logs: list[dict[str, float]] = []
+            skipped = 0
+            use_unlabeled = self.method.uses_unlabeled and not self.method.burn_in
+            with progress_bar(len(self.loader), f"epoch {self.epoch + 1}/{self.epochs}") as bar:
+                for labeled, unlabeled in self.loader.epoch(self.epoch, with_unlabeled=use_unlabeled):
+                    skipped += self._report_skipped(labeled, unlabeled)
+                    self._call("before_step")
+                    lr = self.set_lr()
+                    logs = self.run_step(labeled, unlabeled)
+                    step_logs.append(logs)
+                    self.iteration += 1
+                    self._call("after_step")
+                    bar.advance(fmt_losses(logs))
+            self.epoch_metrics.update({f"train/{k}": v for k, v in mean_dict(step_logs).items()})
+            self.epoch_metrics["lr"] = lr
+            self.epoch_metrics.update({f"method/{k}": v for k, v in self.method.log_values().items()})
+            if skipped:
+                self.epoch_metrics["data/skipped_images"] = skipped
+            self._call("after_epoch")
+            if self.last_eval is not None and "val/mAP50-95" in self.epoch_metrics:
+                LOG.info(
+                    "epoch %d/%d  mAP50-95 %.4f  mAP50 %.4f",
+                    self.epoch + 1, self.epochs, self.epoch_metrics["val/mAP50-95"], self.epoch_metrics["val/mAP50"],
+                )
+        self._call("after_train")
+        return {"run_dir": str(self.run_dir), "metrics": (self.last_eval or {}).get("metrics", {})}
+
+    def run_step(self, labeled: dict, unlabeled: dict | None) -> dict[str, float]:
+        labeled = _to_device(labeled, self.device)
+        unlabeled = _to_device(unlabeled, self.device) if unlabeled is not None else None
+        with torch.autocast(self.device.type, enabled=self.use_amp):
+            losses = self.method.losses(labeled, unlabeled, self.student, self.teacher)
+        total = sum(losses.values())
+        if not is_finite(total):
+            parts = ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
+            raise TrainingDiverged(
+                f"loss became non-finite at epoch {self.epoch + 1}, step {self.iteration} ({parts}); "
+                f"lower lr0 (now {self.cfg['lr0']}) or check the labels; resume from {self.run_dir / 'weights' / 'last.pt'}"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        if self.cfg["clip_grad"]:
+            self.scaler.unscale_(self.optimizer)
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.cfg["clip_grad"])
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        logs = {k: float(v.detach()) for k, v in losses.items()}
+        logs["total"] = float(total.detach())
+        logs.update(self.method.step_log)
+        return logs
+
+    def _report_skipped(self, labeled: dict, unlabeled: dict | None) -> int:
+        seen = getattr(self, "_skipped_seen", set())
+        self._skipped_seen = seen
+        new = 0
+        for batch in (labeled, unlabeled):
+            for path, reason in (batch or {}).get("skipped", []):
+                if path not in seen:
+                    seen.add(path)
+                    new += 1
+                    LOG.warning("skipped %s: %s", path, reason)
+        return new
+
+    # ----------------------------------------------------------------------------- eval / state
+    @torch.no_grad()
+    def evaluate(self, model=None) -> dict[str, Any]:
+        from ssod.training.engine.evaluation import evaluate_detector
+
+        return evaluate_detector(
+            model or self.teacher, self.val_loader, self.spec, self.device,
+            conf=self.cfg["val_conf"], iou=self.cfg["val_iou"], max_det=self.cfg["max_det"],
+        )
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {
+            "version": CHECKPOINT_VERSION,
+            "epoch": self.epoch + 1,
+            "iteration": self.iteration,
+            "model_spec": plain(self.student.spec),
+            "names": list(self.names),
+            "student": self.student.state_dict(),
+            "teacher": self.teacher.state_dict(),
+            "ema_updates": self.ema.updates,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "method": self.method.name,
+            "method_state": plain(self.method.state_dict()),
+            "export_metadata": plain(self.method.export_metadata()),
+            "extra": self.extra.state_dict() if self.extra is not None else {},
+            "config": plain(self.cfg),
+            "best_fitness": self.best_fitness,
+            "metrics": plain(self.epoch_metrics),
+        }
+
+    def _restore(self, ckpt: dict[str, Any]) -> None:
+        self.student.load_state_dict(ckpt["student"])
+        self.ema.model.load_state_dict(ckpt["teacher"])
+        self.ema.updates = int(ckpt["ema_updates"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.method.load_state_dict(ckpt.get("method_state") or {})
+        if self.extra is not None and ckpt.get("extra"):
+            self.extra.load_state_dict(ckpt["extra"])
+        self.start_epoch = int(ckpt["epoch"])
+        self.iteration = int(ckpt["iteration"])
+        self.best_fitness = float(ckpt["best_fitness"])
+        if self.start_epoch >= self.epochs:
+            LOG.info("checkpoint already finished all %d epochs", self.epochs)
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def train(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Train from a resolved config (see ``ssod.config.resolve_config``)."""
+    torch.set_num_threads(max(1, int(os.environ.get("SSOD_THREADS", os.cpu_count() or 1))))
+    return Trainer(cfg).train()
