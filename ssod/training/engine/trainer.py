@@ -163,7 +163,8 @@ class Trainer:
                    degrees=aug["degrees"], shear=aug["shear"])
         labeled = LabeledDataset(
             self.spec.train, cfg["imgsz"],
-            LabeledAug(**geo, hsv=aug["hsv"], mosaic_p=aug["mosaic_p"], mixup_p=aug["mixup_p"]),
+            LabeledAug(**geo, hsv_h=aug["hsv_h"], hsv_s=aug["hsv_s"], hsv_v=aug["hsv_v"],
+                       mosaic_p=aug["mosaic_p"], mixup_p=aug["mixup_p"]),
             train=True, seed=cfg["seed"],
         )
         unlabeled = None
@@ -279,7 +280,7 @@ class Trainer:
             losses = self.method.losses(labeled, unlabeled, self.student, self.teacher)
         total = sum(losses.values())
         if not is_finite(total):
-            parts = ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
+            parts = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
             raise TrainingDiverged(
                 f"loss became non-finite at epoch {self.epoch + 1}, step {self.iteration} ({parts}); "
                 f"lower lr0 (now {self.cfg['lr0']}) or check the labels; resume from {self.run_dir / 'weights' / 'last.pt'}"

@@ -1,0 +1,320 @@
+"""Efficient Teacher (Xu et al., 2023; seed 004) for anchor-free YOLO heads.
+
+One step after burn-in:
+
+1. the EMA teacher detects on the weak view (one forward, class-aware NMS at the detection
+   floor) -> per-class thresholds split its boxes into reliable (>= tau2[c]), uncertain
+   (tau1[c] <= s < tau2[c]) and dropped; the Epoch Adaptor records every score;
+2. the kept boxes move into the strong view (boxes leaving it are dropped);
+3. ONE student forward on [labeled images, strong views]: the labeled half gets the supervised
+   loss (ultralytics' task-aligned loss, reproduced exactly by the PLA with all boxes
+   reliable), the strong half the Pseudo Label Assigner loss (``assigner.py``), and the neck
+   features of both halves feed the gradient-reversed domain discriminator (``adaptor.py``);
+
+    L = L_sup + lambda_u * (w_cls L_u^cls + w_box L_u^box + w_dfl L_u^dfl) + da_weight * L_da
+
+At each epoch end the Epoch Adaptor recomputes tau1[c], tau2[c] from that epoch's teacher
+scores and the labeled class counts. Losses follow ultralytics' scale (sums over images, as
+``Detector.loss``), so ``lambda_u`` and ``da_weight`` mean what the paper's do.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ssod.training.data.batch import Batch
+from ssod.training.engine.hooks import Hook
+from ssod.training.methods.base import Method, register_method
+from ssod.training.methods.efficient_teacher.adaptor import DomainDiscriminator, EpochAdaptor
+from ssod.training.methods.efficient_teacher.assigner import (
+    PseudoLabelAssigner,
+    dense_teacher_detections,
+    labeled_targets,
+)
+from ssod.training.methods.mean_teacher import method_config
+from ssod.training.pseudo import QualityMeter, eval_mode, select, weak_to_strong
+
+if TYPE_CHECKING:
+    from ssod.training.models.base import Detector
+
+__all__ = ["EfficientTeacher", "EfficientTeacherHook"]
+
+
+def _key(name: str) -> str:
+    return re.sub(r"[^0-9A-Za-z]+", "_", str(name)).strip("_") or "cls"
+
+
+class EfficientTeacherHook(Hook):
+    """Label statistics at the start, counters per epoch, Epoch Adaptor update at each epoch end."""
+
+    def __init__(self, method: "EfficientTeacher"):
+        self.method = method
+
+    def before_train(self, trainer: Any) -> None:
+        self.method.set_dataset(trainer.spec)
+
+    def before_epoch(self, trainer: Any) -> None:
+        self.method.start_epoch()
+
+    def after_epoch(self, trainer: Any) -> None:
+        self.method.end_epoch()
+
+
+@register_method
+class EfficientTeacher(Method):
+    name = "efficient_teacher"
+    uses_unlabeled = True
+
+    # Documented values and their sources live in configs/methods/efficient_teacher.yaml.
+    DEFAULTS: dict[str, Any] = {
+        "burn_in_epochs": 0,
+        "tau1": 0.1,
+        "tau2": 0.6,
+        "adaptive_thresholds": True,
+        "alpha": 0.6,
+        "tau1_bounds": [0.05, 0.5],
+        "tau2_bounds": [0.2, 0.9],
+        "tau_gap": 0.05,
+        "hist_bins": 1000,
+        "lambda_u": 3.0,
+        "unsup_cls_weight": 1.0,
+        "unsup_box_weight": 1.0,
+        "unsup_dfl_weight": 1.0,
+        "uncertain_box_loc": 0.85,
+        "domain_adaptation": True,
+        "da_weight": 0.1,
+        "grl_coeff": 1.0,
+        "da_hidden": 64,
+        "nms_iou": 0.65,
+        "max_det": 100,
+        "min_box_size": 2.0,
+        "min_visible": 0.25,
+        "quality_iou": 0.5,
+    }
+
+    def __init__(self, cfg: dict[str, Any]):
+        super().__init__(cfg)
+        self.cfg = c = method_config(self.name, self.DEFAULTS, dict(cfg))
+        if not 0.0 <= c["tau1"] <= c["tau2"] <= 1.0:
+            raise ValueError(f"method 'efficient_teacher': need 0 <= tau1 <= tau2 <= 1, got {c['tau1']}, {c['tau2']}")
+        self.names: list[str] | None = None
+        self.adaptor: EpochAdaptor | None = None
+        self.disc: DomainDiscriminator | None = None
+        self._pending_state: dict[str, Any] = {}
+        self._label_stats: tuple[np.ndarray, int] | None = None
+        self._epoch_tau: tuple[list[float], list[float]] | None = None
+        self.meter = QualityMeter()
+        self.da_acc: list[float] = []
+        self.step_log: dict[str, float] = {}
+
+    # --------------------------------------------------------------------------- setup
+    def _ensure(self, names: list[str]) -> EpochAdaptor:
+        """Create the per-class state once the classes are known (student or dataset)."""
+        if self.adaptor is None:
+            c = self.cfg
+            self.names = list(names)
+            self.adaptor = EpochAdaptor(
+                len(names), c["tau1"], c["tau2"], c["alpha"], c["hist_bins"],
+                c["tau1_bounds"], c["tau2_bounds"], c["tau_gap"],
+            )
+            if self._pending_state:
+                self.adaptor.load_state_dict(self._pending_state)
+            if self._label_stats is not None:
+                self.adaptor.set_label_statistics(*self._label_stats)
+        return self.adaptor
+
+    def set_dataset(self, spec: Any) -> None:
+        """Labeled class counts and image count from a ``DatasetSpec`` (the adaptor's prior)."""
+        nc = len(spec.names)
+        cls = [np.asarray(s.cls, dtype=np.int64).reshape(-1) for s in spec.train]
+        counts = np.bincount(np.concatenate(cls) if cls else np.zeros(0, np.int64), minlength=nc)[:nc]
+        self.set_label_statistics(counts, len(spec.train), names=list(spec.names))
+
+    def set_label_statistics(self, class_counts: Any, n_labeled_images: int, names: list[str] | None = None) -> None:
+        self._label_stats = (np.asarray(class_counts), int(n_labeled_images))
+        if names is not None:
+            self._ensure(names)
+        if self.adaptor is not None:
+            self.adaptor.set_label_statistics(*self._label_stats)
+
+    def extra_modules(self, student: "Detector | None" = None) -> nn.Module | None:
+        """The domain discriminator (trained with the student: optimizer + checkpoint), or None.
+
+        Sized from the student's neck: one dry forward of a small black image in eval mode.
+        """
+        if not self.cfg["domain_adaptation"]:
+            return None
+        if self.disc is None:
+            if student is None:
+                raise ValueError(
+                    "efficient_teacher: extra_modules(student) needs the student to size the domain "
+                    "discriminator to its neck features (or set domain_adaptation: false)"
+                )
+            _require_dense(student)
+            p = next(student.parameters())
+            size = max(64, 2 * int(torch.as_tensor(student.stride).max()))
+            with eval_mode(student):
+                feats, _ = student.forward_features(torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype))
+            self.disc = DomainDiscriminator([f.shape[1] for f in feats], hidden=int(self.cfg["da_hidden"])).to(p.device)
+        return self.disc
+
+    def hooks(self) -> list[Hook]:
+        return [EfficientTeacherHook(self)]
+
+    # --------------------------------------------------------------------------- epoch
+    def start_epoch(self) -> None:
+        self.meter.reset()
+        self.da_acc = []
+        self._epoch_tau = self._tau_lists() if self.adaptor is not None else None
+
+    def end_epoch(self) -> bool:
+        """Recompute the per-class thresholds (Epoch Adaptor). True if they were updated."""
+        if self.adaptor is None or not self.cfg["adaptive_thresholds"] or self.burn_in:
+            if self.adaptor is not None:
+                self.adaptor.reset()
+            return False
+        return self.adaptor.update()
+
+    def thresholds(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """Current (tau1, tau2) per class; fixed at the configured values without the adaptor."""
+        a = self.adaptor
+        assert a is not None
+        if self.cfg["adaptive_thresholds"]:
+            return a.tau1.to(device), a.tau2.to(device)
+        nc = a.nc
+        return (
+            torch.full((nc,), self.cfg["tau1"], dtype=torch.float64, device=device),
+            torch.full((nc,), self.cfg["tau2"], dtype=torch.float64, device=device),
+        )
+
+    def _tau_lists(self) -> tuple[list[float], list[float]]:
+        t1, t2 = self.thresholds()
+        return [float(x) for x in t1], [float(x) for x in t2]
+
+    # --------------------------------------------------------------------------- step
+    def losses(
+        self, labeled: Batch, unlabeled: Batch | None, student: "Detector", teacher: "Detector | None"
+    ) -> dict[str, torch.Tensor]:
+        if self.burn_in or unlabeled is None or teacher is None:
+            sup, parts = student.loss(labeled)
+            self.step_log = {f"sup_{k}": float(v) for k, v in parts.items()}
+            return {"sup": sup}
+        _require_dense(student)
+        c = self.cfg
+        adaptor = self._ensure(student.names)
+        if c["domain_adaptation"] and self.disc is None:
+            raise RuntimeError(
+                "efficient_teacher: domain_adaptation is on but extra_modules(student) was never called; "
+                "its discriminator must be built and given to the optimizer before training"
+            )
+        if self.cfg["adaptive_thresholds"] and adaptor.class_counts is None and not getattr(self, "_warned", False):
+            import logging
+
+            logging.getLogger("ssod").warning(
+                "efficient_teacher: no labeled class counts (set_dataset was not called); thresholds stay fixed"
+            )
+            self._warned = True
+
+        # 1. teacher on the weak view; every score feeds the adaptor
+        device = unlabeled["weak"].device
+        tau1, tau2 = self.thresholds(device)
+        floor = adaptor.floor() if c["adaptive_thresholds"] else float(tau1.min())
+        weak = dense_teacher_detections(teacher, unlabeled["weak"], floor, c["nms_iou"], c["max_det"])
+        bu = int(unlabeled["weak"].shape[0])
+        if c["adaptive_thresholds"]:
+            adaptor.observe(weak["scores"], weak["labels"], bu)
+        weak = select(weak, weak["scores"] >= tau1[weak["labels"]])
+        weak["reliable"] = weak["scores"] >= tau2[weak["labels"]]
+        weak["box_ok"] = weak["reliable"] | (weak["loc_quality"] >= c["uncertain_box_loc"])
+        self.meter.add_images(bu)
+        self.meter.add_quality("pl", weak, unlabeled, iou=c["quality_iou"])
+        self.meter.add_quality("pl_reliable", select(weak, weak["reliable"]), unlabeled, iou=c["quality_iou"])
+
+        # 2. into the strong view
+        strong = weak_to_strong(weak, unlabeled, c["min_box_size"], c["min_visible"])
+        n_rel = int(strong["reliable"].sum())
+        n_unc = len(strong["scores"]) - n_rel
+        n_unc_box = int((strong["box_ok"] & ~strong["reliable"]).sum())
+        self.meter.add_count("pl_reliable", n_rel)
+        self.meter.add_count("pl_uncertain", n_unc)
+        self.meter.add_count("pl_uncertain_box", n_unc_box)
+
+        # 3. one student forward on labeled + strong images
+        bl = int(labeled["img"].shape[0])
+        img = torch.cat((labeled["img"], unlabeled["strong"].to(labeled["img"].dtype)), 0)
+        if c["domain_adaptation"]:
+            feats, raw = student.forward_features(img)
+        else:
+            feats, raw = None, student.forward_raw(img)
+        crit = student.criterion()
+        sup = PseudoLabelAssigner(crit)([r[:bl] for r in raw], labeled_targets(labeled))
+        pla = PseudoLabelAssigner(crit, c["unsup_cls_weight"], c["unsup_box_weight"], c["unsup_dfl_weight"])
+        uns = pla([r[bl:] for r in raw], strong)
+        out = {
+            "sup": (sup["box"] + sup["cls"] + sup["dfl"]) * bl,
+            "unsup_cls": c["lambda_u"] * bu * uns["cls"],
+            "unsup_box": c["lambda_u"] * bu * uns["box"],
+            "unsup_dfl": c["lambda_u"] * bu * uns["dfl"],
+        }
+        self.step_log = {
+            **{f"sup_{k}": float(sup[k].detach()) for k in ("box", "cls", "dfl")},
+            "pl_reliable_per_img": n_rel / max(bu, 1),
+            "pl_uncertain_per_img": n_unc / max(bu, 1),
+        }
+        if feats is not None and self.disc is not None:
+            domain = torch.cat((torch.zeros(bl, device=img.device), torch.ones(bu, device=img.device)))
+            da, acc = self.disc.loss(feats, domain, c["grl_coeff"])
+            out["da"] = c["da_weight"] * da * (bl + bu)  # summed over images like the detection losses
+            self.da_acc.append(float(acc))
+            self.step_log["da_acc"] = float(acc)
+        return out
+
+    # --------------------------------------------------------------------------- reporting
+    def log_values(self) -> dict[str, float]:
+        out = dict(self.meter.values())
+        if self.da_acc:
+            out["da_acc"] = float(np.mean(self.da_acc))
+        if self.adaptor is not None and self.names is not None:
+            t1, t2 = self._epoch_tau or self._tau_lists()
+            for name, a, b in zip(self.names, t1, t2):
+                out[f"tau1_{_key(name)}"] = a
+                out[f"tau2_{_key(name)}"] = b
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.adaptor is None:
+            return dict(self._pending_state)
+        t1, t2 = self._tau_lists()
+        return {"tau1": t1, "tau2": t2, "adaptive": bool(self.cfg["adaptive_thresholds"])}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = {k: state[k] for k in ("tau1", "tau2") if k in state}
+        if self.adaptor is None:
+            self._pending_state = state
+        elif state:
+            self.adaptor.load_state_dict(state)
+
+    def export_metadata(self) -> dict[str, Any]:
+        """Per-class thresholds travel with the exported teacher: tau2 = reliable score, tau1 = lowest used."""
+        meta: dict[str, Any] = {"method": self.name}
+        if self.adaptor is not None or self._pending_state:
+            st = self.state_dict()
+            meta.update({"tau1": st.get("tau1"), "tau2": st.get("tau2")})
+            if self.names is not None:
+                meta["names"] = list(self.names)
+        return meta
+
+
+def _require_dense(model: "Detector") -> None:
+    need = ("criterion", "decode", "forward_features", "reg_max", "stride")
+    missing = [n for n in need if not hasattr(model, n)]
+    if missing:
+        raise ValueError(
+            f"efficient_teacher needs an anchor-free YOLO model (ultralytics Detect head); model family "
+            f"'{getattr(model, 'family', type(model).__name__)}' lacks {missing}: use --method mean_teacher"
+        )

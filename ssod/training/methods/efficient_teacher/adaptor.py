@@ -1,0 +1,175 @@
+"""Epoch Adaptor (seed 004, after LabelMatch): per-class thresholds and domain adaptation.
+
+Thresholds. At the end of epoch k, for class c with ``n_c`` labeled instances in ``N_l``
+labeled images, the teacher should produce about ``n_c / N_l`` boxes of class c per image, so
+over the ``N_u`` unlabeled images of the epoch::
+
+    tau1^k[c] = P_c^k[ n_c * N_u / N_l ]           (the score of the target-th best box)
+    tau2^k[c] = P_c^k[ alpha * n_c * N_u / N_l ]   (alpha = 0.6: the surest 60% are reliable)
+
+where ``P_c^k`` are the teacher's class-c scores of that epoch sorted high to low. Scores are
+kept as a fixed-size histogram per class (``bins`` on [0, 1]), so memory does not grow with
+the data; the quantile is linearly interpolated inside its bin. Thresholds are clamped (tau1
+to ``tau1_bounds``, tau2 to [max(tau1 + gap, tau2_bounds[0]), tau2_bounds[1]]). A class with
+no teacher scores keeps the configured defaults; a class with no labeled instance expects no
+pseudo boxes (thresholds at their ceilings). Scores below the detection floor are never seen:
+a target larger than the boxes seen puts tau1 at its floor.
+
+Domain adaptation. A small discriminator on each neck level (1x1 conv, SiLU, global average
+pool, linear) classifies labeled (0) vs unlabeled strong-view (1) images behind a gradient
+reversal layer, so the features are pushed to be domain-invariant (seed 004, weight 0.1).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ssod.training.methods.grl import grad_reverse
+
+__all__ = ["EpochAdaptor", "threshold_for_count", "DomainDiscriminator"]
+
+
+def threshold_for_count(hist: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per row of ``hist`` (C, bins) over [0, 1]: the score s with #(scores >= s) == target (C,).
+
+    Linear interpolation inside the bin where the count from the top reaches ``target``.
+    Rows whose total is below ``target`` give 0; a target <= 0 gives 1.
+    """
+    c, bins = hist.shape
+    hist = hist.double()
+    target = target.double().to(hist.device)
+    # above[:, b] = number of scores in bins b..bins-1 (>= b / bins); above[:, bins] = 0
+    above = torch.cat((hist.flip(1).cumsum(1).flip(1), hist.new_zeros(c, 1)), 1)
+    b_star = ((above[:, :bins] >= target[:, None]).sum(1) - 1).clamp(min=0)  # last bin reaching target
+    upper = (b_star + 1).double() / bins
+    rows = torch.arange(c, device=hist.device)
+    inside = hist[rows, b_star].clamp(min=1e-12)
+    need = target - above[rows, b_star + 1]
+    s = upper - need / inside / bins
+    s = torch.where(above[:, 0] < target, torch.zeros_like(s), s)
+    s = torch.where(target <= 0, torch.ones_like(s), s)
+    return s.clamp(0.0, 1.0)
+
+
+class EpochAdaptor:
+    """Per-class (tau1, tau2) recomputed each epoch from the teacher's score histogram."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        tau1: float = 0.1,
+        tau2: float = 0.6,
+        alpha: float = 0.6,
+        bins: int = 1000,
+        tau1_bounds: Sequence[float] = (0.05, 0.5),
+        tau2_bounds: Sequence[float] = (0.2, 0.9),
+        gap: float = 0.05,
+    ):
+        if not 0 < alpha <= 1:
+            raise ValueError(f"Epoch Adaptor alpha must be in (0, 1], got {alpha}")
+        self.nc = int(num_classes)
+        self.default = (float(tau1), float(tau2))
+        self.alpha = float(alpha)
+        self.bins = int(bins)
+        self.tau1_bounds = (float(tau1_bounds[0]), float(tau1_bounds[1]))
+        self.tau2_bounds = (float(tau2_bounds[0]), float(tau2_bounds[1]))
+        self.gap = float(gap)
+        # float64 so that checkpoints and logs hold the configured decimals (0.1, not 0.100000001)
+        self.tau1 = torch.full((self.nc,), self.default[0], dtype=torch.float64)
+        self.tau2 = torch.full((self.nc,), self.default[1], dtype=torch.float64)
+        self.class_counts: torch.Tensor | None = None  # labeled instances per class
+        self.n_labeled = 0
+        self.reset()
+
+    # --------------------------------------------------------------------------- statistics
+    def set_label_statistics(self, class_counts: Sequence[int] | torch.Tensor, n_labeled_images: int) -> None:
+        counts = torch.as_tensor(class_counts, dtype=torch.float64).reshape(-1)
+        if counts.numel() != self.nc:
+            raise ValueError(f"Epoch Adaptor: {counts.numel()} class counts for {self.nc} classes")
+        if n_labeled_images <= 0:
+            raise ValueError("Epoch Adaptor: the labeled set is empty")
+        self.class_counts, self.n_labeled = counts, int(n_labeled_images)
+
+    def reset(self) -> None:
+        self.hist = torch.zeros(self.nc, self.bins, dtype=torch.float64)
+        self.images = 0
+
+    @torch.no_grad()
+    def observe(self, scores: torch.Tensor, labels: torch.Tensor, n_images: int) -> None:
+        """Add one step's teacher detections (all of them, at the detection floor) of ``n_images``."""
+        self.images += int(n_images)
+        if scores.numel() == 0:
+            return
+        b = (scores.detach().float().clamp(0, 1) * self.bins).long().clamp_(max=self.bins - 1)
+        flat = labels.detach().long() * self.bins + b
+        self.hist += torch.bincount(flat.cpu(), minlength=self.nc * self.bins).view(self.nc, self.bins).double()
+
+    # --------------------------------------------------------------------------- thresholds
+    def targets(self) -> torch.Tensor:
+        """Expected class-c box count over the images seen: n_c / N_l * N_u."""
+        assert self.class_counts is not None
+        return self.class_counts / self.n_labeled * self.images
+
+    def update(self) -> bool:
+        """Recompute thresholds from this epoch's histogram and reset it; False if nothing to use."""
+        if self.class_counts is None or self.images == 0:
+            self.reset()
+            return False
+        t = self.targets()
+        t1 = threshold_for_count(self.hist, t)
+        t2 = threshold_for_count(self.hist, self.alpha * t)
+        t1 = t1.clamp(*self.tau1_bounds)
+        lo2 = torch.clamp(t1 + self.gap, min=self.tau2_bounds[0])
+        t2 = torch.minimum(torch.maximum(t2, lo2), torch.tensor(self.tau2_bounds[1], dtype=torch.float64))
+        seen = self.hist.sum(1) > 0
+        self.tau1 = torch.where(seen, t1, torch.tensor(self.default[0], dtype=torch.float64))
+        self.tau2 = torch.where(seen, t2, torch.tensor(self.default[1], dtype=torch.float64))
+        self.reset()
+        return True
+
+    def floor(self) -> float:
+        """The lowest score any threshold can take: the teacher's detection confidence."""
+        return min(self.tau1_bounds[0], float(self.tau1.min()))
+
+    def state_dict(self) -> dict[str, list[float]]:
+        return {"tau1": [float(x) for x in self.tau1], "tau2": [float(x) for x in self.tau2]}
+
+    def load_state_dict(self, state: dict[str, list[float]]) -> None:
+        t1, t2 = state.get("tau1"), state.get("tau2")
+        if t1 is None or t2 is None:
+            return
+        if len(t1) != self.nc or len(t2) != self.nc:
+            raise ValueError(f"checkpoint has thresholds for {len(t1)} classes, the model has {self.nc}")
+        self.tau1 = torch.tensor([float(x) for x in t1], dtype=torch.float64)
+        self.tau2 = torch.tensor([float(x) for x in t2], dtype=torch.float64)
+
+
+class DomainDiscriminator(nn.Module):
+    """Image-level domain classifier per neck level, behind gradient reversal."""
+
+    def __init__(self, channels: Sequence[int], hidden: int = 64):
+        super().__init__()
+        self.heads = nn.ModuleList(
+            nn.Sequential(
+                nn.Conv2d(int(c), hidden, 1), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(hidden, 1)
+            )
+            for c in channels
+        )
+
+    def forward(self, feats: Sequence[torch.Tensor], coeff: float = 1.0) -> torch.Tensor:
+        """Domain logits (B, levels); gradients reaching ``feats`` are reversed and scaled by ``coeff``."""
+        if len(feats) != len(self.heads):
+            raise ValueError(f"discriminator built for {len(self.heads)} levels, got {len(feats)} feature maps")
+        return torch.cat([h(grad_reverse(f, coeff)) for h, f in zip(self.heads, feats)], 1)
+
+    def loss(self, feats: Sequence[torch.Tensor], domain: torch.Tensor, coeff: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(BCE averaged over images and levels, detached accuracy) for ``domain`` (B,) in {0, 1}."""
+        logits = self(feats, coeff).float()
+        target = domain.float()[:, None].expand_as(logits)
+        loss = F.binary_cross_entropy_with_logits(logits, target)
+        acc = ((logits > 0).float() == target).float().mean().detach()
+        return loss, acc

@@ -1,0 +1,232 @@
+"""Pseudo Label Assigner (PLA) for anchor-free YOLO heads (Detect: DFL box branch + class branch).
+
+Efficient Teacher's PLA (seed 004) splits teacher boxes by score: *reliable* (score >= tau2[c])
+boxes are treated like labels; *uncertain* ones (tau1[c] <= score < tau2[c]) only supervise the
+classification of the positions assigned to them, with the teacher's score as a soft target;
+every other position is background. The public code does this for YOLOv5 anchor heads through
+the objectness branch; ultralytics' anchor-free Detect head has no objectness, so here the
+class branch carries both roles: its target per position is
+
+    reliable gt     -> the task-aligned target of supervised training (one-hot x normalised
+                       alignment metric, ultralytics' TaskAlignedAssigner)
+    uncertain gt    -> teacher score in the gt's class (soft target)
+    no gt           -> 0 (background)
+
+Box (CIoU) and DFL losses apply to positions whose gt is reliable, or uncertain with a confident
+teacher localization. The public code's gate is teacher objectness >= 0.99; the anchor-free
+analogue is the sharpness of the teacher's DFL edge distributions: ``localization_quality`` is
+the mean over the 4 edges of the largest probability mass on two adjacent bins. A perfectly
+trained DFL puts all mass on the two bins around the true distance (quality 1); a vague edge
+spreads it (uniform over 16 bins: 0.125). ``uncertain_box_loc`` (0.85) plays the 0.99 gate's
+role: only nearly sharp edges pass.
+
+All boxes of a batch are assigned in ONE call of the assigner (targets padded per image as in
+ultralytics' ``preprocess``); no Python loop over boxes or images.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from ssod.training.pseudo import PseudoLabels, eval_mode
+from ssod.training.ultralytics_env import import_ultralytics
+
+if TYPE_CHECKING:
+    from ssod.training.models.base import Detector
+
+__all__ = [
+    "pad_per_image", "localization_quality", "dense_teacher_detections", "PseudoLabelAssigner",
+    "labeled_targets",
+]
+
+
+def pad_per_image(
+    batch_idx: torch.Tensor, values: torch.Tensor, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) rows of images ``batch_idx`` -> ((B, M, K) zero-padded, (B, M) valid mask), M >= 1.
+
+    M is at least 1 so that an image set without boxes still runs the one assigner code path
+    (all targets masked -> every position is background).
+    """
+    n, k = values.shape
+    device = values.device
+    bi = batch_idx.long()
+    order = torch.argsort(bi, stable=True)
+    bi, vals = bi[order], values[order]
+    counts = torch.bincount(bi, minlength=batch_size)
+    m = max(int(counts.max()) if n else 0, 1)
+    start = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(n, device=device) - start[bi]
+    out = torch.zeros(batch_size, m, k, dtype=values.dtype, device=device)
+    mask = torch.zeros(batch_size, m, dtype=torch.bool, device=device)
+    out[bi, pos] = vals
+    mask[bi, pos] = True
+    return out, mask
+
+
+def localization_quality(dist_logits: torch.Tensor) -> torch.Tensor:
+    """Sharpness of DFL edge distributions: logits (..., 4, R) -> (...) in (0, 1].
+
+    Mean over the 4 edges of the largest probability on two adjacent bins (a DFL target is a
+    two-bin split, so a confident edge scores ~1 wherever its distance falls between bins).
+    Heads without a distribution (R == 1) have no such signal: quality 0.
+    """
+    r = dist_logits.shape[-1]
+    if r < 2:
+        return dist_logits.new_zeros(dist_logits.shape[:-2])
+    p = dist_logits.float().softmax(-1)
+    return (p[..., :-1] + p[..., 1:]).amax(-1).mean(-1)
+
+
+@torch.no_grad()
+def dense_teacher_detections(
+    teacher: "Detector", img: torch.Tensor, conf: float, iou: float, max_det: int, max_nms: int = 30000
+) -> PseudoLabels:
+    """Teacher detections on ``img`` with each box's DFL ``loc_quality`` (flat ``PseudoLabels``).
+
+    Same decoding and class-aware NMS as ``YoloDetector.predict`` (best class per position, one
+    ``batched_nms`` for the whole batch, ``max_det`` per image), but keeps track of which
+    position each box came from so its edge distributions can be scored. One teacher forward.
+    """
+    with eval_mode(teacher):
+        raw = teacher.forward_raw(img)
+        decoded = teacher.decode(raw)  # (B, 4 + nc, A): xywh pixels + class probabilities
+    r = int(teacher.reg_max)
+    b, c, a = decoded.shape
+    nc = c - 4
+    p = decoded.transpose(1, 2).float()
+    scores, labels = p[..., 4:].max(-1)  # (B, A)
+    top, idx = scores.topk(min(max_nms, a), dim=1)
+    bi, ki = (top >= conf).nonzero(as_tuple=True)
+    ai = idx[bi, ki]
+    xywh = p[bi, ai, :4]
+    boxes = torch.cat((xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2), 1)
+    h, w = img.shape[-2:]
+    boxes = torch.minimum(boxes.clamp(min=0), boxes.new_tensor([w, h, w, h]))
+    s, lab = scores[bi, ai], labels[bi, ai]
+    keep = torchvision.ops.batched_nms(boxes, s, bi * nc + lab, iou)  # score-descending
+    order = torch.sort(bi[keep], stable=True).indices  # group by image, score order kept inside
+    keep = keep[order]
+    img_of = bi[keep]
+    counts = torch.bincount(img_of, minlength=b)
+    rank = torch.arange(len(keep), device=keep.device) - (torch.cumsum(counts, 0) - counts)[img_of]
+    keep = keep[rank < max_det]
+    dist = torch.cat([x[:, : 4 * r].flatten(2) for x in raw], 2)  # (B, 4R, A)
+    loc = localization_quality(dist[bi[keep], :, ai[keep]].reshape(-1, 4, r))
+    return {
+        "boxes": boxes[keep],
+        "scores": s[keep],
+        "labels": lab[keep].long(),
+        "batch_idx": bi[keep].long(),
+        "loc_quality": loc,
+    }
+
+
+def labeled_targets(batch: dict[str, Any]) -> PseudoLabels:
+    """A labeled batch as PLA targets: every box reliable with score 1 (= ultralytics' supervised loss)."""
+    n = len(batch["cls"])
+    device = batch["img"].device
+    ones = torch.ones(n, dtype=torch.bool, device=device)
+    return {
+        "boxes": torch.as_tensor(batch["boxes"], dtype=torch.float32, device=device).reshape(-1, 4),
+        "labels": torch.as_tensor(batch["cls"], device=device).long().reshape(-1),
+        "batch_idx": torch.as_tensor(batch["batch_idx"], device=device).long().reshape(-1),
+        "scores": torch.ones(n, device=device),
+        "reliable": ones,
+        "box_ok": ones,
+    }
+
+
+class PseudoLabelAssigner:
+    """Dense losses (cls BCE, CIoU, DFL) of raw YOLO outputs against reliable/uncertain targets.
+
+    ``criterion`` is the model's ultralytics ``v8DetectionLoss`` (``YoloDetector.criterion()``):
+    its TaskAlignedAssigner, box decoding, BboxLoss and gains (``hyp.box/cls/dfl``) are reused so
+    that an all-reliable target set reproduces the supervised loss exactly. ``weights`` scale
+    the three terms on top of those gains (1.0 = exactly the supervised loss).
+    """
+
+    def __init__(self, criterion: Any, cls_weight: float = 1.0, box_weight: float = 1.0, dfl_weight: float = 1.0):
+        self.crit = criterion
+        self.weights = {"cls": float(cls_weight), "box": float(box_weight), "dfl": float(dfl_weight)}
+
+    def __call__(self, raw: list[torch.Tensor], targets: PseudoLabels) -> dict[str, torch.Tensor]:
+        """Losses on ``raw`` (per-level (B, 4R + nc, H, W) maps) for ``targets`` in the same view.
+
+        ``targets``: boxes (N,4) xyxy pixels, labels, scores, batch_idx, reliable (bool), box_ok
+        (bool: box/DFL loss wanted). Returns gain- and weight-scaled per-image-normalised ``cls``,
+        ``box``, ``dfl`` (multiply by the batch size for ultralytics' scale, as ``Detector.loss``
+        does) and detached counts ``pos_reliable``, ``pos_uncertain``, ``pos_box``.
+        """
+        crit = self.crit
+        reg_max, nc = int(crit.reg_max), int(crit.nc)
+        flat = torch.cat([x.flatten(2) for x in raw], 2)  # (B, 4R + nc, A)
+        pred_distri = flat[:, : 4 * reg_max].permute(0, 2, 1).contiguous()
+        pred_scores = flat[:, 4 * reg_max :].permute(0, 2, 1).contiguous()
+        if pred_scores.shape[-1] != nc:
+            raise ValueError(f"raw outputs have {pred_scores.shape[-1]} class channels, the criterion expects {nc}")
+        dtype, device, bsz = pred_scores.dtype, pred_scores.device, pred_scores.shape[0]
+        import_ultralytics()  # already loaded by the model; keeps the one import door
+        from ultralytics.utils.tal import make_anchors
+
+        stride = crit.stride.to(device)
+        anchor_points, stride_tensor = make_anchors(raw, stride, 0.5)
+        imgsz = torch.tensor(raw[0].shape[2:], device=device, dtype=dtype) * stride[0]
+        pred_bboxes = crit.bbox_decode(anchor_points, pred_distri)  # xyxy grid units (B, A, 4)
+
+        boxes = targets["boxes"].float()
+        boxes = torch.minimum(boxes.clamp(min=0), boxes.new_tensor([imgsz[1], imgsz[0], imgsz[1], imgsz[0]]))
+        packed = torch.cat(
+            (
+                targets["labels"].float()[:, None],
+                boxes,
+                targets["scores"].float()[:, None],
+                targets["reliable"].float()[:, None],
+                targets["box_ok"].float()[:, None],
+            ),
+            1,
+        )
+        padded, mask = pad_per_image(targets["batch_idx"], packed, bsz)
+        gt_labels, gt_bboxes = padded[..., 0:1], padded[..., 1:5]
+        gt_score, gt_rel, gt_box = padded[..., 5], padded[..., 6] > 0.5, padded[..., 7] > 0.5
+
+        target_labels, target_bboxes, target_scores, fg_mask, target_gt_idx = crit.assigner(
+            pred_scores.detach().sigmoid(),
+            (pred_bboxes.detach() * stride_tensor).type(gt_bboxes.dtype),
+            anchor_points * stride_tensor,
+            gt_labels,
+            gt_bboxes,
+            mask[..., None].float(),
+        )
+        target_gt_idx = target_gt_idx.long()
+        rel = gt_rel.gather(1, target_gt_idx) & fg_mask  # (B, A)
+        box_pos = gt_box.gather(1, target_gt_idx) & fg_mask
+        soft = F.one_hot(target_labels.long().clamp(0, nc - 1), nc).to(dtype) * gt_score.gather(1, target_gt_idx)[..., None]
+        cls_t = torch.where(rel[..., None], target_scores.to(dtype), soft) * fg_mask[..., None].to(dtype)
+        tss = cls_t.sum().clamp(min=1)
+
+        bce = F.binary_cross_entropy_with_logits(pred_scores, cls_t, reduction="none")
+        class_weights = getattr(crit, "class_weights", None)
+        if class_weights is not None:
+            bce = bce * class_weights
+        loss_cls = bce.sum() / tss
+        loss_box, loss_dfl = crit.bbox_loss(
+            pred_distri, pred_bboxes, anchor_points, target_bboxes / stride_tensor,
+            cls_t, tss, box_pos, imgsz, stride_tensor,
+        )
+        hyp = crit.hyp
+        return {
+            "cls": loss_cls * float(hyp.cls) * self.weights["cls"],
+            "box": loss_box * float(hyp.box) * self.weights["box"],
+            "dfl": loss_dfl * float(hyp.dfl) * self.weights["dfl"],
+            "pos_reliable": rel.sum().detach(),
+            "pos_uncertain": (fg_mask & ~rel).sum().detach(),
+            "pos_box": box_pos.sum().detach(),
+            # exposed for tests and diagnostics (detached)
+            "cls_target": cls_t.detach(),
+            "box_mask": box_pos.detach(),
+        }

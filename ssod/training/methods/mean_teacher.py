@@ -1,0 +1,126 @@
+"""Mean Teacher with hard pseudo labels: the SSOD baseline every method must beat.
+
+Each step the EMA teacher detects on the weak view; its boxes scoring >= ``threshold`` (one
+value for all classes) become ordinary labels of the strong view, and the student's own
+supervised loss (``Detector.loss``, any model family) is applied to them::
+
+    L = L_sup(labeled) + lambda_u * L_sup(strong view, pseudo labels)
+
+``lambda_u`` defaults to 1.0: pseudo labels are treated exactly like labels, which is the
+classic self-training / Mean Teacher setting (STAC, Unbiased Teacher's box branch) and gives
+the baseline no tuned advantage or handicap. Efficient Teacher's lambda = 3 exists because its
+soft, uncertainty-aware targets are safe to weight up; hard 0.5-threshold labels carry the
+teacher's false positives and missed objects at full strength, so a larger weight only amplifies
+confirmation bias.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ssod.training.data.batch import Batch
+from ssod.training.engine.hooks import Hook
+from ssod.training.methods.base import Method, register_method
+from ssod.training.pseudo import QualityMeter, pseudo_batch, select, teacher_detections, weak_to_strong
+
+if TYPE_CHECKING:
+    from ssod.training.models.base import Detector
+
+__all__ = ["MeanTeacher", "method_config", "MeterHook"]
+
+
+def method_config(name: str, defaults: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
+    """``defaults`` updated with ``cfg``; an unknown key is an error (a typo must not pass silently)."""
+    unknown = sorted(set(cfg) - set(defaults))
+    if unknown:
+        raise ValueError(f"method '{name}': unknown method_cfg keys {unknown}; known: {sorted(defaults)}")
+    out = dict(defaults)
+    for k, v in cfg.items():
+        if v is None:
+            continue
+        d = defaults[k]
+        if isinstance(d, bool):
+            if not isinstance(v, bool):
+                raise ValueError(f"method '{name}': method_cfg '{k}' must be true/false, got {v!r}")
+        elif isinstance(d, (int, float)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"method '{name}': method_cfg '{k}' must be a number, got {v!r}")
+            if isinstance(d, int) and not float(v).is_integer():
+                raise ValueError(f"method '{name}': method_cfg '{k}' must be an integer, got {v!r}")
+            v = type(d)(v)
+        elif isinstance(d, (list, tuple)):
+            if not isinstance(v, (list, tuple)) or len(v) != len(d) or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) for x in v
+            ):
+                raise ValueError(f"method '{name}': method_cfg '{k}' must be a list of {len(d)} numbers, got {v!r}")
+            v = [float(x) for x in v]
+        out[k] = v
+    return out
+
+
+class MeterHook(Hook):
+    """Starts each epoch's pseudo-label counters (a method's ``start_epoch``)."""
+
+    def __init__(self, method: Any):
+        self.method = method
+
+    def before_epoch(self, trainer: Any) -> None:
+        self.method.start_epoch()
+
+
+@register_method
+class MeanTeacher(Method):
+    name = "mean_teacher"
+    uses_unlabeled = True
+
+    DEFAULTS: dict[str, Any] = {
+        "burn_in_epochs": 0,  # overridden by configs/methods/mean_teacher.yaml
+        "threshold": 0.5,
+        "lambda_u": 1.0,
+        "nms_iou": 0.65,
+        "max_det": 100,
+        "min_box_size": 2.0,
+        "min_visible": 0.25,
+        "quality_iou": 0.5,
+    }
+
+    def __init__(self, cfg: dict[str, Any]):
+        super().__init__(cfg)
+        self.cfg = method_config(self.name, self.DEFAULTS, dict(cfg))
+        if not 0.0 <= self.cfg["threshold"] <= 1.0:
+            raise ValueError(f"method 'mean_teacher': threshold must be in [0, 1], got {self.cfg['threshold']}")
+        self.meter = QualityMeter()
+        self.step_log: dict[str, float] = {}
+
+    def hooks(self) -> list[Hook]:
+        return [MeterHook(self)]
+
+    def start_epoch(self) -> None:
+        self.meter.reset()
+
+    def losses(
+        self, labeled: Batch, unlabeled: Batch | None, student: "Detector", teacher: "Detector | None"
+    ) -> dict[str, torch.Tensor]:
+        sup, parts = student.loss(labeled)
+        self.step_log = {f"sup_{k}": float(v) for k, v in parts.items()}
+        if self.burn_in or unlabeled is None or teacher is None:
+            return {"sup": sup}
+        c = self.cfg
+        weak = teacher_detections(teacher, unlabeled["weak"], c["threshold"], c["nms_iou"], c["max_det"])
+        weak = select(weak, weak["scores"] >= c["threshold"])  # predict's conf may be exclusive/inclusive
+        self.meter.add_images(unlabeled["weak"].shape[0])
+        self.meter.add_quality("pl", weak, unlabeled, iou=c["quality_iou"])
+        strong = weak_to_strong(weak, unlabeled, c["min_box_size"], c["min_visible"])
+        self.meter.add_count("pl_boxes", len(strong["scores"]))
+        unsup, uparts = student.loss(pseudo_batch(strong, unlabeled))
+        self.step_log.update({f"unsup_{k}": float(v) for k, v in uparts.items()})
+        self.step_log["pl_boxes_per_img"] = len(strong["scores"]) / max(unlabeled["weak"].shape[0], 1)
+        return {"sup": sup, "unsup": c["lambda_u"] * unsup}
+
+    def log_values(self) -> dict[str, float]:
+        return {**self.meter.values(), "threshold": float(self.cfg["threshold"])}
+
+    def export_metadata(self) -> dict[str, Any]:
+        return {"method": self.name, "threshold": float(self.cfg["threshold"])}
