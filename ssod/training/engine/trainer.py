@@ -116,7 +116,8 @@ class Trainer:
             self.student.load_weights(cfg["weights"])
 
         self.method = build_method(cfg["method"], cfg.get("method_cfg") or {})
-        self.extra: nn.Module | None = getattr(self.method, "extra_modules", lambda: None)()
+        # Trainable modules a method adds (e.g. a domain discriminator sized to the student's neck).
+        self.extra: nn.Module | None = getattr(self.method, "extra_modules", lambda student=None: None)(self.student)
         if self.extra is not None:
             self.extra.to(self.device)
         mb = cfg.get("burn_in_epochs")
@@ -265,11 +266,11 @@ class Trainer:
             if skipped:
                 self.epoch_metrics["data/skipped_images"] = skipped
             self._call("after_epoch")
-            if self.last_eval is not None and "val/mAP50-95" in self.epoch_metrics:
-                LOG.info(
-                    "epoch %d/%d  mAP50-95 %.4f  mAP50 %.4f",
-                    self.epoch + 1, self.epochs, self.epoch_metrics["val/mAP50-95"], self.epoch_metrics["val/mAP50"],
-                )
+            parts = [f"epoch {self.epoch + 1}/{self.epochs}", f"loss {self.epoch_metrics.get('train/total', float('nan')):.3f}"]
+            if "val/mAP50-95" in self.epoch_metrics:
+                parts.append(f"mAP50-95 {self.epoch_metrics['val/mAP50-95']:.4f} mAP50 {self.epoch_metrics['val/mAP50']:.4f}")
+            parts.append(f"{self.epoch_metrics.get('time/epoch_s', 0):.0f}s")
+            LOG.info("  ".join(parts))
         self._call("after_train")
         return {"run_dir": str(self.run_dir), "metrics": (self.last_eval or {}).get("metrics", {})}
 

@@ -365,11 +365,14 @@ def _state_dict_of(ckpt: Any, path: Path) -> dict[str, torch.Tensor]:
         ema, model = ckpt.get("ema"), ckpt.get("model")
         if isinstance(ema, nn.Module) or isinstance(model, nn.Module):  # ultralytics: ema if kept, else model
             return of_module(ema if isinstance(ema, nn.Module) else model)
+        teacher = ckpt.get("teacher")
+        if isinstance(teacher, Mapping) and teacher and all(isinstance(v, torch.Tensor) for v in teacher.values()):
+            return dict(teacher)  # ssod checkpoint: initialise from the EMA teacher
         if isinstance(model, Mapping) and model and all(isinstance(v, torch.Tensor) for v in model.values()):
-            return dict(model)  # ssod checkpoint
+            return dict(model)
         if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
             return dict(ckpt)  # bare state_dict
-    raise ValueError(f"{path}: no model weights found (expected an ssod checkpoint with 'model' or an ultralytics .pt)")
+    raise ValueError(f"{path}: no model weights found (expected an ssod checkpoint with 'teacher' or an ultralytics .pt)")
 
 
 register_family("yolo", YoloDetector, prefixes=("yolo",))

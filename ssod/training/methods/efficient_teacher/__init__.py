@@ -20,6 +20,7 @@ scores and the labeled class counts. Losses follow ultralytics' scale (sums over
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +44,8 @@ if TYPE_CHECKING:
     from ssod.training.models.base import Detector
 
 __all__ = ["EfficientTeacher", "EfficientTeacherHook"]
+
+LOG = logging.getLogger("ssod")
 
 
 def _key(name: str) -> str:
@@ -111,6 +114,7 @@ class EfficientTeacher(Method):
         self.meter = QualityMeter()
         self.da_acc: list[float] = []
         self.step_log: dict[str, float] = {}
+        self._warned = False
 
     # --------------------------------------------------------------------------- setup
     def _ensure(self, names: list[str]) -> EpochAdaptor:
@@ -212,10 +216,8 @@ class EfficientTeacher(Method):
                 "efficient_teacher: domain_adaptation is on but extra_modules(student) was never called; "
                 "its discriminator must be built and given to the optimizer before training"
             )
-        if self.cfg["adaptive_thresholds"] and adaptor.class_counts is None and not getattr(self, "_warned", False):
-            import logging
-
-            logging.getLogger("ssod").warning(
+        if self.cfg["adaptive_thresholds"] and adaptor.class_counts is None and not self._warned:
+            LOG.warning(
                 "efficient_teacher: no labeled class counts (set_dataset was not called); thresholds stay fixed"
             )
             self._warned = True

@@ -1,0 +1,130 @@
+"""SSOD gain on the demo data at 10% labels, same budget for every row (issue 3).
+
+    python benchmarks/ssod_gain.py [--epochs 12] [--steps 60] [--imgsz 128] [--width 0.25]
+
+Rows: supervised on the labeled 10%, mean_teacher, efficient_teacher, efficient_teacher without
+adaptive thresholds, without domain adaptation, and the 100%-labeled oracle. Every row runs the
+same number of optimiser steps (epochs x steps) with the same labeled batch size; SSOD rows add
+an unlabeled batch of the same size per step. Prints mAP50-95, mAP50 and the fraction of the
+supervised-to-oracle gap each row closes, then the cost of an SSOD step against a supervised
+step over the same number of student images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from ssod.config import resolve_config
+from ssod.training.data.demo import make_demo_dataset
+from ssod.training.engine.trainer import Trainer
+
+ROWS = {
+    "supervised": ("supervised", 0.1, {}),
+    "mean_teacher": ("mean_teacher", 0.1, {}),
+    "efficient_teacher": ("efficient_teacher", 0.1, {}),
+    "et_fixed_thresholds": ("efficient_teacher", 0.1, {"adaptive_thresholds": False}),
+    "et_no_domain_adapt": ("efficient_teacher", 0.1, {"domain_adaptation": False}),
+    "oracle_100pct": ("supervised", 1.0, {}),
+}
+
+
+def config(args, data: Path, method: str, method_cfg: dict, name: str, **kw) -> dict:
+    return resolve_config(
+        None, data=str(data), model=args.model, width=args.width, depth=args.depth, method=method,
+        epochs=args.epochs, steps_per_epoch=args.steps, imgsz=args.imgsz, batch=args.batch,
+        workers=args.workers, out=args.out, name=name, burn_in_epochs=args.burn_in,
+        val_interval=args.val_interval, seed=args.seed, method_cfg=method_cfg, **kw,
+    )
+
+
+def step_cost(args, data: Path, n: int = 12) -> dict:
+    """Seconds per step: efficient_teacher (B labeled + B unlabeled) vs supervised on 2B labeled."""
+    out = {}
+    for label, method, batch in (("supervised_2B", "supervised", 2 * args.batch), ("efficient_teacher", "efficient_teacher", args.batch)):
+        cfg = config(args, data, method, {}, f"cost-{label}", burn_in_epochs=0)
+        cfg["batch"], cfg["workers"] = batch, 0
+        t = Trainer(cfg)
+        t.method.epoch, t.method.burn_in = 0, False
+        for hook in t.hooks:
+            hook.before_train(t)
+        batches = []
+        for lab, unl in t.loader.epoch(0, with_unlabeled=t.method.uses_unlabeled):
+            batches.append((lab, unl))
+            if len(batches) == n + 2:
+                break
+        times = []
+        for i, (lab, unl) in enumerate(batches):
+            t0 = time.perf_counter()
+            t.run_step(lab, unl)
+            t.ema.update(t.student)
+            if i >= 2:  # warm-up excluded
+                times.append(time.perf_counter() - t0)
+        out[label] = sorted(times)[len(times) // 2]
+    out["overhead"] = out["efficient_teacher"] / out["supervised_2B"] - 1
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=60, help="optimiser steps per epoch (same for every row)")
+    ap.add_argument("--burn-in", type=int, default=None, help="burn-in epochs for SSOD rows (default: epochs // 3)")
+    ap.add_argument("--imgsz", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--model", default="yolov8n")
+    ap.add_argument("--width", type=float, default=0.25)
+    ap.add_argument("--depth", type=float, default=0.33)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--val-interval", type=int, default=4)
+    ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--n-train", type=int, default=2000)
+    ap.add_argument("--out", default="runs/bench-ssod")
+    ap.add_argument("--data-root", default="runs/bench-data")
+    ap.add_argument("--no-cost", action="store_true")
+    args = ap.parse_args()
+    if args.burn_in is None:
+        args.burn_in = args.epochs // 3
+
+    data = {r: make_demo_dataset(Path(args.data_root) / f"demo-r{r}", seed=0, labeled_ratio=r, n_train=args.n_train, progress=False)
+            for r in (0.1, 1.0)}
+    results = {}
+    results_path = Path(args.out) / "ssod_gain.json"
+    if results_path.exists():
+        results = json.loads(results_path.read_text())
+    for row in args.rows.split(","):
+        if row in results:
+            continue  # resumable: rows already measured are kept
+        method, ratio, mcfg = ROWS[row]
+        t0 = time.perf_counter()
+        res = Trainer(config(args, data[ratio], method, mcfg, row)).train()
+        results[row] = {**res["metrics"], "minutes": (time.perf_counter() - t0) / 60, "run": res["run_dir"]}
+        results_path.parent.mkdir(parents=True, exist_ok=True)
+        results_path.write_text(json.dumps(results, indent=2))
+        print(f"{row}: {results[row]['mAP50-95']:.4f} / {results[row]['mAP50']:.4f} in {results[row]['minutes']:.1f} min", flush=True)
+
+    sup, orc = results.get("supervised"), results.get("oracle_100pct")
+    print(f"\nmachine: {platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"model {args.model} width {args.width} depth {args.depth}, imgsz {args.imgsz}, batch {args.batch} "
+          f"(+{args.batch} unlabeled), {args.epochs} epochs x {args.steps} steps, burn-in {args.burn_in} epochs\n")
+    print("| row | mAP50-95 | mAP50 | gap closed (50-95) | minutes |")
+    print("|---|---|---|---|---|")
+    for row, r in results.items():
+        gap = ""
+        if sup and orc and orc["mAP50-95"] > sup["mAP50-95"]:
+            gap = f"{(r['mAP50-95'] - sup['mAP50-95']) / (orc['mAP50-95'] - sup['mAP50-95']):.0%}"
+        print(f"| {row} | {r['mAP50-95']:.4f} | {r['mAP50']:.4f} | {gap} | {r['minutes']:.1f} |")
+    if not args.no_cost:
+        c = step_cost(args, data[0.1])
+        print(f"\nstep cost (median s/step): supervised on {2 * args.batch} labeled {c['supervised_2B']:.3f}, "
+              f"efficient_teacher {args.batch}+{args.batch} {c['efficient_teacher']:.3f} -> overhead {c['overhead']:+.0%}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""The `ssod` command line: train -> eval on tiny data, demo data, one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from ssod.cli import app
+
+runner = CliRunner()
+
+
+def test_train_then_eval(tiny_demo, tmp_path):
+    args = ["train", "--data", str(tiny_demo), "--model", "yolov8n", "--width", "0.0625", "--depth", "0.33",
+            "--imgsz", "64", "--epochs", "1", "--batch", "4", "--workers", "0", "--out", str(tmp_path), "--name", "cli"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "mAP50-95" in r.output
+    weights = tmp_path / "cli" / "weights" / "last.pt"
+    assert weights.exists()
+    r = runner.invoke(app, ["eval", str(weights), "--batch", "4"])
+    assert r.exit_code == 0, r.output
+    saved = json.loads((weights.parent / "last_eval_teacher.json").read_text())
+    assert set(saved["metrics"]) >= {"mAP50-95", "mAP50", "mAP75"}
+    assert len(saved["per_class"]) == 10
+
+
+def test_bad_data_path_is_one_line_error(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    r = runner.invoke(app, ["train", "--data", str(missing), "--epochs", "1"])
+    assert r.exit_code == 1
+    lines = [ln for ln in r.output.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "nope.yaml" in lines[0]
+
+
+def test_data_demo_command(tmp_path):
+    out = tmp_path / "d"
+    r = runner.invoke(app, ["data", "demo", str(out), "--n-train", "12", "--n-val", "4", "--size", "64,72"])
+    assert r.exit_code == 0, r.output
+    assert (out / "data.yaml").exists() and (out / "preview.png").exists()
+    assert len(list((out / "images" / "val").glob("*.jpg"))) == 4
+
+
+def test_help_lists_every_train_option():
+    r = runner.invoke(app, ["train", "--help"], terminal_width=200)
+    for opt in ("--data", "--model", "--method", "--epochs", "--imgsz", "--batch", "--out", "--resume",
+                "--device", "--workers", "--config"):
+        assert opt in r.output, opt

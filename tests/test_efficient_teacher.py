@@ -1,0 +1,381 @@
+"""Efficient Teacher on anchor-free YOLO: PLA split, Epoch Adaptor thresholds, GRL, both SSOD methods."""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from ssod.training.methods.base import build_method
+from ssod.training.methods.efficient_teacher import EfficientTeacher
+from ssod.training.methods.efficient_teacher.adaptor import DomainDiscriminator, EpochAdaptor, threshold_for_count
+from ssod.training.methods.efficient_teacher.assigner import (
+    PseudoLabelAssigner,
+    dense_teacher_detections,
+    labeled_targets,
+    localization_quality,
+)
+from ssod.training.methods.grl import grad_reverse
+
+S = 64
+NAMES = ["a", "b", "c"]
+
+
+@pytest.fixture(scope="module")
+def student():
+    from ssod.training.models.base import build_model
+
+    torch.manual_seed(0)
+    return build_model({"model": "yolov8n", "names": NAMES, "width": 0.125, "depth": 0.33}).train()
+
+
+def _anchor_centers(student) -> torch.Tensor:
+    """(A, 2) anchor centres in pixels, in the order of the flattened raw outputs."""
+    from ultralytics.utils.tal import make_anchors
+
+    raw = student.forward_raw(torch.zeros(1, 3, S, S))
+    pts, strides = make_anchors(raw, student.stride, 0.5)
+    return pts * strides
+
+
+def _targets(boxes, labels, scores, reliable, box_ok, batch_idx=None) -> dict:
+    n = len(labels)
+    return {
+        "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        "labels": torch.tensor(labels, dtype=torch.long),
+        "scores": torch.tensor(scores, dtype=torch.float32),
+        "reliable": torch.tensor(reliable, dtype=torch.bool),
+        "box_ok": torch.tensor(box_ok, dtype=torch.bool),
+        "batch_idx": torch.zeros(n, dtype=torch.long) if batch_idx is None else torch.tensor(batch_idx),
+    }
+
+
+def _inside(centers: torch.Tensor, box) -> torch.Tensor:
+    x1, y1, x2, y2 = box
+    return (centers[:, 0] > x1) & (centers[:, 0] < x2) & (centers[:, 1] > y1) & (centers[:, 1] < y2)
+
+
+# ------------------------------------------------------------------------------------------- PLA
+def test_pla_split_reliable_uncertain_background(student):
+    """Three far-apart teacher boxes: reliable (0.9), uncertain (0.3), uncertain with sharp edges (0.4)."""
+    torch.manual_seed(1)
+    raw = [r.detach() for r in student.forward_raw(torch.rand(1, 3, S, S))]
+    boxes = [[0, 0, 24, 24], [40, 0, 64, 24], [0, 40, 24, 64]]
+    t = _targets(boxes, [0, 1, 2], [0.9, 0.3, 0.4], [True, False, False], [True, False, True])
+    out = PseudoLabelAssigner(student.criterion())(raw, t)
+    tgt, box_mask = out["cls_target"][0], out["box_mask"][0]  # (A, nc), (A,)
+    centers = _anchor_centers(student)
+    fg = tgt.sum(1) > 0
+    in_box = [_inside(centers, b) for b in boxes]
+    for k in range(3):
+        assert (fg & in_box[k]).any(), f"box {k} got no position"
+    assert not (fg & ~(in_box[0] | in_box[1] | in_box[2])).any()  # everything else is background (target 0)
+
+    # reliable: the supervised task-aligned target (as if it were the only, labeled box)
+    alone = PseudoLabelAssigner(student.criterion())(raw, _targets(boxes[:1], [0], [1.0], [True], [True]))
+    assert torch.allclose(tgt[in_box[0]], alone["cls_target"][0][in_box[0]])
+    assert (tgt[fg & in_box[0]][:, 1:] == 0).all()
+    # uncertain: exactly the teacher score in its class, zero in the others
+    for k, (c, s) in enumerate([(1, 0.3), (2, 0.4)], start=1):
+        pos = fg & in_box[k]
+        assert torch.allclose(tgt[pos][:, c], torch.full((int(pos.sum()),), s))
+        assert (tgt[pos][:, [j for j in range(3) if j != c]] == 0).all()
+    # box/DFL loss: reliable and confident-uncertain positions only
+    assert torch.equal(box_mask, fg & (in_box[0] | in_box[2]))
+    assert int(out["pos_reliable"]) == int((fg & in_box[0]).sum())
+    assert int(out["pos_uncertain"]) == int((fg & (in_box[1] | in_box[2])).sum())
+
+
+def test_uncertain_only_targets_give_no_box_loss(student):
+    raw = [r.detach().requires_grad_(True) for r in student.forward_raw(torch.rand(1, 3, S, S))]
+    pla = PseudoLabelAssigner(student.criterion())
+    out = pla(raw, _targets([[8, 8, 40, 40]], [1], [0.3], [False], [False]))
+    assert float(out["box"].detach()) == 0 and float(out["dfl"].detach()) == 0 and float(out["cls"].detach()) > 0
+    out = pla(raw, _targets([[8, 8, 40, 40]], [1], [0.3], [False], [True]))
+    assert float(out["box"].detach()) > 0 and float(out["dfl"].detach()) > 0
+
+
+def test_all_reliable_pla_equals_the_supervised_yolo_loss(student):
+    torch.manual_seed(2)
+    batch = {"img": torch.rand(2, 3, S, S), "boxes": torch.tensor([[5.0, 5, 30, 40], [20, 10, 60, 50], [0, 0, 64, 64]]),
+             "cls": torch.tensor([0, 2, 1]), "batch_idx": torch.tensor([0, 0, 1])}
+    total, _ = student.loss(batch)
+    out = PseudoLabelAssigner(student.criterion())(student.forward_raw(batch["img"]), labeled_targets(batch))
+    assert torch.allclose((out["box"] + out["cls"] + out["dfl"]) * 2, total, rtol=1e-5)
+
+
+@pytest.mark.parametrize("per_image", [0, 300])
+def test_pla_loss_finite_with_no_or_many_pseudo_boxes(student, per_image):
+    torch.manual_seed(3)
+    raw = [r.detach().requires_grad_(True) for r in student.forward_raw(torch.rand(2, 3, S, S))]
+    n = 2 * per_image
+    xy = torch.rand(n, 2) * 48
+    wh = 4 + torch.rand(n, 2) * 16
+    t = {
+        "boxes": torch.cat((xy, (xy + wh).clamp(max=S)), 1), "labels": torch.randint(0, 3, (n,)),
+        "scores": 0.1 + 0.9 * torch.rand(n), "reliable": torch.rand(n) > 0.5, "box_ok": torch.rand(n) > 0.3,
+        "batch_idx": torch.arange(2).repeat_interleave(per_image),
+    }
+    out = PseudoLabelAssigner(student.criterion())(raw, t)
+    total = out["cls"] + out["box"] + out["dfl"]
+    assert torch.isfinite(total)
+    total.backward()
+    assert all(torch.isfinite(r.grad).all() for r in raw)
+    if per_image == 0:
+        assert float(out["box"].detach()) == 0 and float(out["cls"].detach()) > 0  # all background
+    else:
+        assert float(out["box"].detach()) > 0
+
+
+def test_localization_quality_measures_edge_sharpness():
+    r = 16
+    uniform = torch.zeros(4, r)
+    sharp = torch.full((4, r), -20.0)
+    sharp[:, 5] = 20.0
+    split = torch.full((4, r), -20.0)
+    split[:, 7:9] = 5.0  # half on bin 7, half on bin 8: a perfect DFL target for distance 7.5
+    q = localization_quality(torch.stack([uniform, sharp, split]))
+    assert torch.allclose(q, torch.tensor([2 / r, 1.0, 1.0]), atol=1e-4)
+
+
+def test_dense_teacher_detections_match_predict(student):
+    teacher = copy.deepcopy(student).eval()
+    img = torch.rand(2, 3, S, S)
+    dets = dense_teacher_detections(teacher, img, conf=0.0, iou=0.65, max_det=5)
+    ref = teacher.predict(img, conf=0.0, iou=0.65, max_det=5)
+    for i, r in enumerate(ref):
+        mine = dets["batch_idx"] == i
+        assert torch.allclose(dets["boxes"][mine], r["boxes"], atol=1e-4)
+        assert torch.allclose(dets["scores"][mine], r["scores"])
+        assert torch.equal(dets["labels"][mine], r["labels"])
+    assert dets["loc_quality"].shape == dets["scores"].shape
+
+
+# ----------------------------------------------------------------------------------- Epoch Adaptor
+def test_threshold_for_count_is_the_right_quantile_of_uniform_scores():
+    n, bins = 10000, 1000
+    scores = (torch.arange(n) + 0.5) / n  # uniform on [0, 1]
+    hist = torch.histc(scores, bins=bins, min=0, max=1)[None].repeat(4, 1)
+    target = torch.tensor([1000.0, 2500.0, 20000.0, 0.0])  # last two: more than seen, none wanted
+    tau = threshold_for_count(hist, target)
+    assert torch.allclose(tau[:2].float(), torch.tensor([0.9, 0.75]), atol=1e-6)
+    assert tau[2] == 0 and tau[3] == 1
+    for t, k in zip(tau[:2], target[:2]):
+        assert abs(int((scores >= t).sum()) - k) <= 1
+
+
+def test_epoch_adaptor_per_class_thresholds_bounds_and_defaults():
+    a = EpochAdaptor(4, tau1=0.1, tau2=0.6, alpha=0.6)
+    # 10 labeled images: class 0 has 120 boxes (12/img), class 1 12, class 2 none, class 3 500
+    a.set_label_statistics([120, 12, 0, 500], 10)
+    n_u = 50
+    u = (torch.arange(1000) + 0.5) / 1000
+    scores = torch.cat((u, u[u > 0.3], u))  # class 0: uniform; class 2: uniform; class 3: scores > 0.3
+    labels = torch.cat((torch.zeros(1000), torch.full((700,), 3), torch.full((1000,), 2))).long()
+    for chunk_s, chunk_l in zip(scores.split(100), labels.split(100)):  # several steps
+        a.observe(chunk_s, chunk_l, n_images=0)
+    a.images = n_u
+    assert a.update()
+    t1, t2 = a.tau1.tolist(), a.tau2.tolist()
+    # class 0: target 120/10*50 = 600 boxes -> tau1 = 0.4; 60% of it = 360 -> tau2 = 0.64
+    assert t1[0] == pytest.approx(0.4, abs=1e-4) and t2[0] == pytest.approx(0.64, abs=1e-4)
+    # class 1: no teacher scores -> the configured defaults
+    assert t1[1] == pytest.approx(0.1) and t2[1] == pytest.approx(0.6)
+    # class 2: never labeled -> expect no boxes -> ceilings
+    assert t1[2] == pytest.approx(0.5) and t2[2] == pytest.approx(0.9)
+    # class 3: target 2500 > 700 boxes seen -> tau1 at its floor; tau2 (1500 > 700) floored at 0.2
+    assert t1[3] == pytest.approx(0.05) and t2[3] == pytest.approx(0.2)
+    assert a.hist.sum() == 0 and a.images == 0  # the histogram is per epoch
+    state = a.state_dict()
+    assert all(isinstance(x, float) for x in state["tau1"] + state["tau2"])
+    b = EpochAdaptor(4)
+    b.load_state_dict(state)
+    assert torch.allclose(b.tau1, a.tau1) and torch.allclose(b.tau2, a.tau2)
+
+
+def test_epoch_adaptor_memory_is_bounded():
+    a = EpochAdaptor(3, bins=100)
+    a.set_label_statistics([1, 1, 1], 1)
+    for _ in range(5):
+        a.observe(torch.rand(10000), torch.randint(0, 3, (10000,)), n_images=8)
+    assert a.hist.shape == (3, 100) and int(a.hist.sum()) == 50000
+
+
+# ------------------------------------------------------------------------------- gradient reversal
+def test_gradient_reversal_flips_the_sign_with_coefficient():
+    x = torch.randn(5, requires_grad=True)
+    w = torch.randn(5)
+    (grad_reverse(x, 0.3) * w).sum().backward()
+    assert torch.allclose(x.grad, -0.3 * w)
+    y = torch.randn(5, requires_grad=True)
+    assert torch.equal(grad_reverse(y, 2.0), y)
+
+
+def test_discriminator_learns_while_features_get_the_reversed_gradient():
+    torch.manual_seed(0)
+    disc = DomainDiscriminator([4, 8], hidden=8)
+    feats = [torch.randn(6, 4, 4, 4, requires_grad=True), torch.randn(6, 8, 2, 2, requires_grad=True)]
+    domain = torch.tensor([0, 0, 0, 1, 1, 1])
+    loss, _ = disc.loss(feats, domain, coeff=1.0)
+    loss.backward()
+    g_rev = [f.grad.clone() for f in feats]
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in disc.parameters())
+    for f in feats:
+        f.grad = None
+    disc.zero_grad()
+    logits = torch.cat([h(f) for h, f in zip(disc.heads, feats)], 1)  # same heads without reversal
+    torch.nn.functional.binary_cross_entropy_with_logits(logits, domain.float()[:, None].expand_as(logits)).backward()
+    for gr, f in zip(g_rev, feats):
+        assert torch.allclose(gr, -f.grad, atol=1e-6)
+
+
+# -------------------------------------------------------------------------------------- methods
+def _confident_teacher(student):
+    """A teacher whose scores are set by hand: stride-8 positions say class 0 at 0.95 (reliable),
+    stride-16 positions class 1 at 0.5 (uncertain) with sharp DFL edges, stride-32 nothing."""
+    teacher = copy.deepcopy(student).eval()
+    bias = [[3.0, -10, -10], [-10, 0.0, -10], [-10, -10, -10]]
+    with torch.no_grad():
+        for i, b in enumerate(bias):
+            last = teacher.head.cv3[i][-1]
+            last.weight.zero_()
+            last.bias.copy_(torch.tensor(b))
+        box = teacher.head.cv2[1][-1]
+        box.weight.zero_()
+        box.bias.fill_(-10.0)
+        box.bias.view(4, -1)[:, 1] = 10.0  # every edge 1 grid cell (16 px): sharp
+    return teacher
+
+
+def _batches(b: int = 2):
+    torch.manual_seed(4)
+    flip = torch.tensor([[-1.0, 0, S], [0, 1, 0], [0, 0, 1]])
+    labeled = {"img": torch.rand(b, 3, S, S), "boxes": torch.tensor([[4.0, 4, 30, 30], [30, 20, 60, 60]]),
+               "cls": torch.tensor([0, 1]), "batch_idx": torch.tensor([0, b - 1]), "M": torch.eye(3).repeat(b, 1, 1),
+               "orig_size": torch.full((b, 2), S), "paths": [""] * b, "skipped": []}
+    unlabeled = {"weak": torch.rand(b, 3, S, S), "strong": torch.rand(b, 3, S, S),
+                 "M_weak": flip.repeat(b, 1, 1), "M_strong": torch.eye(3).repeat(b, 1, 1),
+                 "orig_size": torch.full((b, 2), S), "paths": [""] * b, "skipped": [],
+                 "gt_boxes": torch.tensor([[8.0, 8, 24, 24]]), "gt_cls": torch.tensor([0]),
+                 "gt_batch_idx": torch.tensor([0])}
+    return labeled, unlabeled
+
+
+def test_efficient_teacher_losses_end_to_end(student):
+    student = copy.deepcopy(student).train()
+    teacher = _confident_teacher(student)
+    m = build_method("efficient_teacher", {"burn_in_epochs": 1})
+    assert isinstance(m, EfficientTeacher) and m.uses_unlabeled
+    disc = m.extra_modules(student)
+    assert isinstance(disc, DomainDiscriminator) and len(disc.heads) == 3
+    spec = SimpleNamespace(names=NAMES, train=[SimpleNamespace(cls=np.array([0, 0, 1]))] * 4, unlabeled=["x"] * 8)
+    hook = m.hooks()[0]
+    hook.before_train(SimpleNamespace(spec=spec))
+    labeled, unlabeled = _batches()
+
+    m.burn_in = True  # burn-in: only the supervised loss
+    assert set(m.losses(labeled, unlabeled, student, teacher)) == {"sup"}
+    m.burn_in = False
+    hook.before_epoch(None)
+    losses = m.losses(labeled, unlabeled, student, teacher)
+    assert set(losses) == {"sup", "unsup_cls", "unsup_box", "unsup_dfl", "da"}
+    total = sum(losses.values())
+    assert torch.isfinite(total) and float(losses["unsup_box"].detach()) > 0
+    total.backward()
+    assert all(p.grad is not None for p in disc.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
+
+    logs = m.log_values()
+    assert logs["pl_reliable_per_img"] > 0 and logs["pl_uncertain_per_img"] > 0
+    assert logs["pl_uncertain_box_per_img"] == logs["pl_uncertain_per_img"]  # the sharp level passes the gate
+    assert 0 <= logs["pl_precision"] <= 1 and 0 <= logs["pl_recall"] <= 1
+    assert logs["tau1_a"] == pytest.approx(0.1) and logs["tau2_c"] == pytest.approx(0.6)
+    assert 0 <= logs["da_acc"] <= 1
+
+    hook.after_epoch(None)  # Epoch Adaptor from this epoch's 2 images (labeled: 2 a + 1 b per image)
+    state = m.state_dict()
+    # a: 4 boxes wanted, 2 seen -> floor; b: 2 wanted of 32 at 0.5 -> 0.5 (tau2 = tau1 + gap); c: no scores -> defaults
+    assert state["tau1"] == pytest.approx([0.05, 0.5, 0.1], abs=2e-3)
+    assert state["tau2"] == pytest.approx([0.2, 0.55, 0.6], abs=2e-3)
+    assert all(isinstance(x, float) for x in state["tau1"] + state["tau2"])
+    assert m.export_metadata()["tau2"] == state["tau2"]
+    fresh = build_method("efficient_teacher", {})
+    fresh.load_state_dict(state)
+    assert fresh.state_dict()["tau1"] == state["tau1"]
+
+
+def test_efficient_teacher_without_adaptation_or_pseudo_boxes(student):
+    student = copy.deepcopy(student).train()
+    teacher = copy.deepcopy(student).eval()  # untrained: scores ~0.004, no pseudo boxes at all
+    m = build_method("efficient_teacher", {"domain_adaptation": False, "adaptive_thresholds": False})
+    assert m.extra_modules(student) is None
+    labeled, unlabeled = _batches()
+    losses = m.losses(labeled, unlabeled, student, teacher)
+    assert "da" not in losses and all(torch.isfinite(v) for v in losses.values())
+    assert float(losses["unsup_box"].detach()) == 0 and float(losses["unsup_cls"].detach()) > 0  # all background
+    sum(losses.values()).backward()
+
+
+def test_mean_teacher_losses_end_to_end(student):
+    student = copy.deepcopy(student).train()
+    teacher = _confident_teacher(student)
+    m = build_method("mean_teacher", {})
+    assert m.cfg["threshold"] == 0.5 and m.uses_unlabeled
+    labeled, unlabeled = _batches()
+    m.hooks()[0].before_epoch(None)
+    losses = m.losses(labeled, unlabeled, student, teacher)
+    assert set(losses) == {"sup", "unsup"} and torch.isfinite(losses["unsup"]) and float(losses["unsup"].detach()) > 0
+    sum(losses.values()).backward()
+    logs = m.log_values()
+    assert logs["pl_boxes_per_img"] > 0 and "pl_precision" in logs
+    m.burn_in = True
+    assert set(m.losses(labeled, unlabeled, student, teacher)) == {"sup"}
+
+
+def test_method_config_errors_are_clear():
+    with pytest.raises(ValueError, match="unknown method_cfg keys \\['tua2'\\]"):
+        build_method("efficient_teacher", {"tua2": 0.5})
+    with pytest.raises(ValueError, match="'lambda_u' must be a number"):
+        build_method("mean_teacher", {"lambda_u": "three"})
+    with pytest.raises(ValueError, match="tau1 <= tau2"):
+        build_method("efficient_teacher", {"tau1": 0.7, "tau2": 0.6})
+    m = build_method("efficient_teacher", {})
+    with pytest.raises(ValueError, match="needs the student"):
+        m.extra_modules()
+
+
+def test_shipped_method_yamls_load_and_match_the_defaults():
+    from ssod.config import method_defaults
+
+    for name in ("efficient_teacher", "mean_teacher"):
+        cfg = method_defaults(name)
+        m = build_method(name, cfg)  # every key known and well typed
+        assert set(cfg) == set(type(m).DEFAULTS)
+    et = method_defaults("efficient_teacher")
+    assert (et["tau1"], et["tau2"], et["alpha"], et["lambda_u"], et["da_weight"]) == (0.1, 0.6, 0.6, 3.0, 0.1)
+    assert (et["nms_iou"], et["max_det"]) == (0.65, 100)
+
+
+@pytest.mark.slow
+def test_two_epoch_run_saves_thresholds_in_checkpoint(tiny_cfg):
+    """Needs the trainer to call ``method.extra_modules(student)`` (the discriminator is sized from it)."""
+    import csv
+
+    from ssod.training.engine.checkpoint import load_checkpoint
+    from ssod.training.engine.trainer import Trainer
+
+    trainer = Trainer(tiny_cfg(method="efficient_teacher", burn_in_epochs=1))
+    assert trainer.extra is not None  # the domain discriminator is trained with the student
+    run = trainer.train()["run_dir"]
+    ckpt = load_checkpoint(f"{run}/weights/last.pt")
+    nc = len(ckpt["names"])
+    state = ckpt["method_state"]
+    assert len(state["tau1"]) == nc and len(state["tau2"]) == nc
+    assert all(0.05 <= a < b <= 0.9 for a, b in zip(state["tau1"], state["tau2"]))
+    assert ckpt["export_metadata"]["tau2"] == state["tau2"] and ckpt["extra"]
+    row = list(csv.DictReader(open(f"{run}/results.csv")))[-1]
+    assert {"method/tau1_0", "method/tau2_0", "method/pl_reliable_per_img", "method/pl_uncertain_per_img"} <= set(row)
