@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 import threading
-import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -102,10 +102,10 @@ def read_image_with_size(
             with _open_image(path_s, fh) as img:
                 w, h = img.size
                 _check_pixels(path_s, w, h, max_pixels)
-                orientation = _orientation(img)
                 if target_size and img.format == "JPEG":
                     _draft(img, w, h, int(target_size))
-                img.load()  # decode now: truncated data raises here
+                img.load()  # decode now, before anything else touches pixels: truncation raises
+                orientation = _orientation(img)
                 if orientation in _ORIENTATION_OPS:
                     img = img.transpose(_ORIENTATION_OPS[orientation])
                 arr = _to_rgb_array(img)
@@ -126,7 +126,7 @@ def read_image_size(path: str | os.PathLike) -> tuple[int, int]:
                 w, h = img.size
                 if w <= 0 or h <= 0:
                     raise ImageReadError(path_s, f"invalid image size {w}x{h}")
-                return (w, h) if _orientation(img) in (5, 6, 7, 8) else (h, w)
+                return (w, h) if _orientation(img, header_only=True) in (5, 6, 7, 8) else (h, w)
     except ImageReadError:
         raise
     except Exception as e:  # noqa: BLE001
@@ -156,11 +156,10 @@ def _open_file(path: str):
 
 
 def _open_image(path: str, fh) -> Image.Image:
+    # Pillow's own bomb check (error above 2 * Image.MAX_IMAGE_PIXELS) runs inside open; our
+    # max_pixels check runs right after, so the effective limit is the smaller of the two.
     try:
-        with warnings.catch_warnings():
-            # Our own max_pixels check replaces Pillow's bomb warning.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return Image.open(fh)
+        return Image.open(fh)
     except UnidentifiedImageError as e:
         raise ImageReadError(path, "not an image (unrecognised format)") from e
     except Image.DecompressionBombError as e:
@@ -176,8 +175,14 @@ def _check_pixels(path: str, w: int, h: int, max_pixels: int) -> None:
         )
 
 
-def _orientation(img: Image.Image) -> int:
-    """EXIF orientation (1 when absent or unreadable: bad EXIF must not lose the picture)."""
+def _orientation(img: Image.Image, header_only: bool = False) -> int:
+    """EXIF orientation (1 when absent or unreadable: bad EXIF must not lose the picture).
+
+    ``header_only`` avoids Pillow's PNG fallback of decoding the whole file to look for an
+    eXIf chunk after the pixel data (rare; such a chunk is then ignored by the size query).
+    """
+    if header_only and img.format == "PNG" and "exif" not in img.info:
+        return 1
     try:
         value = img.getexif().get(_EXIF_ORIENTATION_TAG, 1)
         return int(value) if int(value) in range(1, 9) else 1
@@ -202,14 +207,12 @@ def _wrap(path: str, e: BaseException) -> ImageReadError:
         return ImageReadError(path, "permission denied")
     if isinstance(e, MemoryError):
         return ImageReadError(path, "out of memory while decoding")
-    msg = str(e)
+    msg = str(e) or type(e).__name__
     if isinstance(e, Image.DecompressionBombError):
         return ImageReadError(path, f"image too large: {msg}")
-    if isinstance(e, (OSError, SyntaxError, EOFError)) and (
-        "truncated" in msg or "broken data stream" in msg or isinstance(e, (EOFError, SyntaxError))
-        or "unrecognized data stream" in msg or "decoder error" in msg
-    ):
-        return ImageReadError(path, f"truncated or corrupt image data ({msg or type(e).__name__})")
+    if isinstance(e, (OSError, SyntaxError, EOFError, ValueError, struct.error)):
+        # Pillow reports truncation and bad streams with these types from load()
+        return ImageReadError(path, f"truncated or corrupt image data ({msg})")
     return ImageReadError(path, f"cannot decode image ({type(e).__name__}: {msg})")
 
 
@@ -221,7 +224,7 @@ def _to_rgb_array(img: Image.Image) -> np.ndarray:
     mode = img.mode
     if mode == "RGB":
         out = np.asarray(img)
-    elif mode == "P" and "transparency" in img.info or mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+    elif (mode == "P" and "transparency" in img.info) or mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         out = _composite(img.convert("RGBA"))
     elif mode.startswith("I;16"):
         out = _gray_to_rgb(np.asarray(img).astype(np.uint16) >> 8)
@@ -422,9 +425,6 @@ class SkipReport:
 
     def __len__(self) -> int:
         return len(self._items)
-
-    def __bool__(self) -> bool:  # an empty report is still a report object
-        return True
 
     def save(self, path: str | os.PathLike | None = None) -> str | None:
         """Write ``path<TAB>reason`` lines (to ``log_path`` by default); returns the file."""
