@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import platform
 import time
 from pathlib import Path
@@ -89,6 +91,8 @@ def main() -> None:
     ap.add_argument("--data-root", default="runs/bench-data")
     ap.add_argument("--no-cost", action="store_true")
     args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(int(os.environ.get("SSOD_THREADS", os.cpu_count() or 1)))
     if args.burn_in is None:
         args.burn_in = args.epochs // 3
 
@@ -98,7 +102,7 @@ def main() -> None:
     results_path = Path(args.out) / "ssod_gain.json"
     if results_path.exists():
         results = json.loads(results_path.read_text())
-    for row in args.rows.split(","):
+    for row in filter(None, args.rows.split(",")):
         if row in results:
             continue  # resumable: rows already measured are kept
         method, ratio, mcfg = ROWS[row]

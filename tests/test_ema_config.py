@@ -72,3 +72,11 @@ def test_checkpoint_refuses_pickled_code(tmp_path):
     ok = save_checkpoint({"model_spec": {"model": "m"}, "t": torch.ones(2)}, tmp_path / "ok.pt")
     assert load_checkpoint(ok)["t"].sum() == 2
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_ema_decay_floor_after_burn_in():
+    ema = ModelEMA(_net(), decay=0.999, tau=500)
+    ema.updates = 400
+    assert ema.current_decay() < 0.6  # the ramp alone follows the student closely here
+    ema.floor = 0.995
+    assert ema.current_decay() == 0.995

@@ -46,7 +46,13 @@ def import_ultralytics() -> ModuleType:
     os.environ.setdefault("YOLO_CONFIG_DIR", str(cache_dir() / "ultralytics"))
 
     import ultralytics
-    from ultralytics.utils import LOGGER, USER_CONFIG_DIR
+    from PIL import Image
+    from ultralytics.utils import LOGGER, USER_CONFIG_DIR, patches
+
+    # ultralytics replaces PIL's Image.open globally with a HEIC-probing wrapper that turns
+    # "not an image" into "No module named pi_heif": undo it so bad files keep honest reasons.
+    if Image.open is getattr(patches, "image_open", None):
+        Image.open = patches._image_open
 
     if omp_before is None:
         os.environ.pop("OMP_NUM_THREADS", None)

@@ -19,6 +19,9 @@ class ModelEMA:
     """
 
     def __init__(self, student: nn.Module, decay: float = 0.999, tau: float = 500.0, updates: int = 0):
+        # ``floor`` (0 = off) bounds the decay from below; SSOD methods raise it after burn-in so
+        # the teacher never follows a student that is learning from its own pseudo labels.
+        self.floor = 0.0
         self.model = copy.deepcopy(student).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -27,7 +30,8 @@ class ModelEMA:
         self.updates = updates
 
     def current_decay(self) -> float:
-        return self.decay * (1 - math.exp(-self.updates / self.tau)) if self.tau > 0 else self.decay
+        ramp = self.decay * (1 - math.exp(-self.updates / self.tau)) if self.tau > 0 else self.decay
+        return max(ramp, self.floor)
 
     @torch.no_grad()
     def update(self, student: nn.Module) -> None:

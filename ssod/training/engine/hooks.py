@@ -33,9 +33,14 @@ class EMATeacherHook(Hook):
     """Updates the EMA teacher after every optimiser step; copies the student at burn-in's end."""
 
     def before_epoch(self, trainer: "Trainer") -> None:
-        if trainer.burn_in_epochs > 0 and trainer.epoch == trainer.burn_in_epochs and trainer.method.uses_unlabeled:
+        ssod = trainer.method.uses_unlabeled and trainer.epoch >= trainer.burn_in_epochs
+        if ssod and trainer.burn_in_epochs > 0 and trainer.epoch == trainer.burn_in_epochs:
             trainer.ema.copy_from(trainer.student)
             LOG.info("burn-in done: teacher copied from the student")
+        # Once pseudo labels flow, a fast-following teacher copies the student's mistakes back
+        # into the targets within a few dozen steps (confirmation collapse, measured on the demo
+        # data with decay ~0.6 right after burn-in); the method's `teacher_decay` bounds it.
+        trainer.ema.floor = float(trainer.method.cfg.get("teacher_decay", 0.0)) if ssod else 0.0
 
     def after_step(self, trainer: "Trainer") -> None:
         trainer.ema.update(trainer.student)

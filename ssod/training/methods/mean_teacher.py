@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ssod.config import method_defaults
 from ssod.training.data.batch import Batch
 from ssod.training.engine.hooks import Hook
 from ssod.training.methods.base import Method, register_method
@@ -75,16 +76,8 @@ class MeanTeacher(Method):
     name = "mean_teacher"
     uses_unlabeled = True
 
-    DEFAULTS: dict[str, Any] = {
-        "burn_in_epochs": 0,  # overridden by configs/methods/mean_teacher.yaml
-        "threshold": 0.5,
-        "lambda_u": 1.0,
-        "nms_iou": 0.65,
-        "max_det": 100,
-        "min_box_size": 2.0,
-        "min_visible": 0.25,
-        "quality_iou": 0.5,
-    }
+    # Every default and its source lives in configs/methods/mean_teacher.yaml (the one defaults file).
+    DEFAULTS: dict[str, Any] = method_defaults("mean_teacher")
 
     def __init__(self, cfg: dict[str, Any]):
         super().__init__(cfg)

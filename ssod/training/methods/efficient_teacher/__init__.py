@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ssod.config import method_defaults
 from ssod.training.data.batch import Batch
 from ssod.training.engine.hooks import Hook
 from ssod.training.methods.base import Method, register_method
@@ -73,32 +74,8 @@ class EfficientTeacher(Method):
     name = "efficient_teacher"
     uses_unlabeled = True
 
-    # Documented values and their sources live in configs/methods/efficient_teacher.yaml.
-    DEFAULTS: dict[str, Any] = {
-        "burn_in_epochs": 0,
-        "tau1": 0.1,
-        "tau2": 0.6,
-        "adaptive_thresholds": True,
-        "alpha": 0.6,
-        "tau1_bounds": [0.05, 0.5],
-        "tau2_bounds": [0.2, 0.9],
-        "tau_gap": 0.05,
-        "hist_bins": 1000,
-        "lambda_u": 3.0,
-        "unsup_cls_weight": 1.0,
-        "unsup_box_weight": 1.0,
-        "unsup_dfl_weight": 1.0,
-        "uncertain_box_loc": 0.85,
-        "domain_adaptation": True,
-        "da_weight": 0.1,
-        "grl_coeff": 1.0,
-        "da_hidden": 64,
-        "nms_iou": 0.65,
-        "max_det": 100,
-        "min_box_size": 2.0,
-        "min_visible": 0.25,
-        "quality_iou": 0.5,
-    }
+    # Every default and its source lives in configs/methods/efficient_teacher.yaml (the one defaults file).
+    DEFAULTS: dict[str, Any] = method_defaults("efficient_teacher")
 
     def __init__(self, cfg: dict[str, Any]):
         super().__init__(cfg)
