@@ -122,6 +122,22 @@ def data_demo(
     typer.echo(f"wrote {yaml_path}")
 
 
+def _register_runtime_commands() -> None:
+    """Commands implemented next to their code (export, label, merge), wrapped for clean errors."""
+    from ssod_deploy.label.cli import label_command, merge_command
+
+    app.command("label")(clean_errors(label_command))
+    app.command("merge")(clean_errors(merge_command))
+    try:
+        from ssod.export.cli import export_command
+    except ImportError:  # pragma: no cover - export module not installed
+        return
+    app.command("export")(clean_errors(export_command))
+
+
+_register_runtime_commands()
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -1,0 +1,356 @@
+"""`ssod label` throughput on real photos vs. the model alone, ultralytics predict and a torch loop.
+
+    python benchmarks/label_throughput.py [--n-images 1000] [--imgsz 320,640] [--batch 8]
+        [--weights runs/x/weights/last.pt] [--rss-images 1000,10000] [--out runs/bench-label]
+
+Images: the real photos that ship inside scikit-image and scikit-learn (the demo's backgrounds),
+randomly scaled, cropped and flipped into ``--n-images`` distinct 640x480 JPEGs.
+Teacher: ``--weights`` (an ssod checkpoint); without it a yolov8n is trained briefly on the demo
+data (``--train-epochs``), since throughput, not accuracy, is measured here.
+
+Rows, each over the same files and imgsz, each in a fresh process (ultralytics changes torch's
+thread count and patches Pillow on import; ssod label never imports torch):
+    ssod label (end to end)   wall time of ``label_images`` incl. model load and writing outputs
+    ssod label (engine)       the run's own images/s (decode..journal, without final outputs)
+    ORT model only            ``backend.infer`` on pre-decoded, pre-letterboxed tensors
+    ultralytics predict (1 thread / 2 threads)  ``YOLO(pt).predict(dir, stream=True)``; ultralytics
+                              sets torch to cpu_count-1 threads on this 2-core machine, so the
+                              thread count is also restored to 2 after warm-up and both are shown
+    torch eager loop          decode, letterbox, ``model.predict`` (NMS) batch after batch
+Peak RSS of ``ssod label`` for each ``--rss-images`` count (hard links repeating the photos).
+
+Targets (issue 5): end to end >= 90% of ORT model only; >= 1.5x ultralytics predict; RSS within 10%.
+Prints a markdown table (also written to ``--markdown`` if given) and writes results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve()
+
+
+# ------------------------------------------------------------------------------------ data
+
+
+def make_photos(out: Path, n: int, seed: int = 0, size: tuple[int, int] = (640, 480)) -> Path:
+    """n distinct (w x h) JPEGs cut from the real photos shipped in scikit-image / scikit-learn."""
+    from PIL import Image
+
+    from ssod.training.data.demo import load_backgrounds
+
+    stamp = out / ".stamp.json"
+    want = {"n": n, "seed": seed, "size": list(size)}
+    if stamp.is_file() and json.loads(stamp.read_text()) == want:
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("*.jpg"):
+        old.unlink()
+    photos = [Image.fromarray(p) for p in load_backgrounds()]
+    rng = np.random.default_rng(seed)
+    w, h = size
+    for k in range(n):
+        im = photos[k % len(photos)]
+        base = max(w / im.width, h / im.height)  # smallest scale at which a crop fits
+        s = base * rng.uniform(1.0, 2.5)
+        big = im.resize((max(w, round(im.width * s)), max(h, round(im.height * s))), Image.Resampling.BILINEAR)
+        x0 = int(rng.integers(0, big.width - w + 1))
+        y0 = int(rng.integers(0, big.height - h + 1))
+        crop = big.crop((x0, y0, x0 + w, y0 + h))
+        if rng.random() < 0.5:
+            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        crop.save(out / f"photo_{k:05d}.jpg", quality=90)
+    stamp.write_text(json.dumps(want))
+    return out
+
+
+def repeat_folder(src: Path, out: Path, n: int) -> Path:
+    """A folder of n hard links cycling over src's photos (distinct names, no extra disk)."""
+    files = sorted(src.glob("*.jpg"))
+    if out.is_dir() and sum(1 for _ in out.rglob("*.jpg")) == n:
+        return out
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
+    for k in range(n):
+        d = out / f"part{k // 1000:03d}"
+        d.mkdir(parents=True, exist_ok=True)
+        os.link(files[k % len(files)], d / f"img_{k:06d}.jpg")
+    return out
+
+
+def ensure_weights(args: argparse.Namespace, work: Path) -> Path:
+    """--weights, or a yolov8n trained briefly on the demo data (cached in the work folder)."""
+    if args.weights:
+        return Path(args.weights)
+    ckpt = work / "teacher" / "weights" / "last.pt"
+    if ckpt.is_file():
+        return ckpt
+    from ssod.config import resolve_config
+    from ssod.training.data.demo import make_demo_dataset
+    from ssod.training.engine.trainer import Trainer
+
+    data = make_demo_dataset(work / "demo", seed=0, labeled_ratio=1.0, n_train=args.train_images, n_val=32,
+                             progress=False)
+    cfg = resolve_config(None, data=str(data), model=args.model, method="supervised", epochs=args.train_epochs,
+                         imgsz=320, batch=8, workers=1, out=str(work), name="teacher", plots=False,
+                         width=args.width, depth=args.depth)
+    Trainer(cfg).train()
+    return ckpt
+
+
+def export_onnx(weights: Path, imgsz: int, work: Path) -> Path:
+    from ssod.export import export_model
+
+    path = work / f"teacher_{imgsz}.onnx"
+    if not path.is_file() or path.stat().st_mtime < weights.stat().st_mtime:
+        export_model(weights, format="onnx", imgsz=imgsz, out=path)
+    return path
+
+
+def ultralytics_pt(weights: Path, work: Path) -> Path:
+    """The checkpoint's teacher as an ultralytics .pt (a pickled DetectionModel, as YOLO() loads)."""
+    import copy
+
+    import torch
+
+    from ssod.training.engine.checkpoint import load_detector
+
+    path = work / "teacher_ultralytics.pt"
+    if path.is_file() and path.stat().st_mtime >= weights.stat().st_mtime:
+        return path
+    det, ckpt = load_detector(weights, "teacher")
+    model = copy.deepcopy(det.model).float().eval()
+    model.args = {"task": "detect", "imgsz": int(ckpt.get("config", {}).get("imgsz", 640))}
+    torch.save({"model": model, "train_args": dict(model.args), "date": time.strftime("%Y-%m-%d")}, path)
+    return path
+
+
+# --------------------------------------------------------------------------- measurements
+# Each runs in a fresh interpreter (see the module doc); ``_worker`` dispatches.
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM). Not ru_maxrss: Linux carries that over from the parent
+    across fork+exec, so a child of a big parent would report the parent's size."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def w_label(src: str, model: str, out: str, batch: int) -> dict[str, Any]:
+    import shutil
+
+    from ssod_deploy.label import label_images
+
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    s = label_images(src, model, out, batch=batch, progress=False)
+    wall = time.perf_counter() - t0
+    n = s["images"]["in_list"]
+    return {
+        "images": n, "seconds": wall, "images_per_s": n / wall, "engine_images_per_s": s["throughput"]["images_per_s"],
+        "labels": s["boxes"]["labels_total"], "uncertain": s["boxes"]["uncertain_total"],
+        "backend": s["model"]["backend"], "peak_rss_mb": peak_rss_mb(),
+        "torch_loaded": "torch" in sys.modules,
+    }
+
+
+def w_ort(src: str, model: str, n: int, batch: int) -> dict[str, Any]:
+    from ssod_deploy.detector import Detector
+    from ssod_deploy.images import discover_images, read_image
+
+    det = Detector(model)
+    files = discover_images(src)[: max(batch, 32)]
+    x, _ = det.preprocess([read_image(p) for p in files])
+    det.infer(x[:batch])  # warm-up
+    t0 = time.perf_counter()
+    done = 0
+    while done < n:
+        k = min(batch, n - done)
+        start = done % (len(x) - batch + 1)
+        det.infer(x[start : start + k])
+        done += k
+    dt = time.perf_counter() - t0
+    return {"images": n, "seconds": dt, "images_per_s": n / dt, "backend": det.backend.name}
+
+
+def w_ultralytics(src: str, pt: str, imgsz: int, batch: int, threads: int | None) -> dict[str, Any]:
+    from ssod.training.ultralytics_env import import_ultralytics
+
+    import_ultralytics()
+    import torch
+    from ultralytics import YOLO
+
+    model = YOLO(pt, task="detect")
+    first = sorted(Path(src).glob("*.jpg"))[0]
+    for _ in model.predict(str(first), imgsz=imgsz, device="cpu", verbose=False, stream=True):  # warm-up + setup
+        pass
+    default_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    n = sum(1 for _ in Path(src).glob("*.jpg"))
+    t0 = time.perf_counter()
+    boxes = 0
+    for r in model.predict(src, imgsz=imgsz, batch=batch, conf=0.25, iou=0.7, device="cpu", verbose=False,
+                           stream=True, save=False):
+        boxes += len(r.boxes)
+    dt = time.perf_counter() - t0
+    return {"images": n, "seconds": dt, "images_per_s": n / dt, "threads": torch.get_num_threads(),
+            "threads_after_ultralytics_setup": default_threads, "boxes": boxes}
+
+
+def w_torch(src: str, weights: str, imgsz: int, batch: int) -> dict[str, Any]:
+    import torch
+
+    from ssod.training.engine.checkpoint import load_detector
+    from ssod_deploy.boxes import letterbox, unletterbox_boxes
+    from ssod_deploy.images import discover_images, read_image
+
+    det, _ = load_detector(weights, "teacher")
+    files = discover_images(src)
+
+    def run(paths) -> int:
+        imgs = [read_image(p) for p in paths]
+        canv, params = zip(*(letterbox(im, imgsz) for im in imgs))
+        x = torch.from_numpy(np.stack(canv)).permute(0, 3, 1, 2).float().div_(255)
+        with torch.inference_mode():
+            out = det.predict(x, conf=0.25, iou=0.7)
+        return sum(len(unletterbox_boxes(o["boxes"].numpy(), p, im.shape[:2])) for o, p, im in zip(out, params, imgs))
+
+    run(files[:batch])  # warm-up
+    t0 = time.perf_counter()
+    boxes = sum(run(files[i : i + batch]) for i in range(0, len(files), batch))
+    dt = time.perf_counter() - t0
+    return {"images": len(files), "seconds": dt, "images_per_s": len(files) / dt, "threads": torch.get_num_threads(),
+            "boxes": boxes}
+
+
+WORKERS = {"label": w_label, "ort": w_ort, "ultralytics": w_ultralytics, "torch": w_torch}
+
+
+def spawn(kind: str, **kw: Any) -> dict[str, Any]:
+    """Run one measurement in a fresh interpreter; returns its JSON result."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent.parent), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(HERE), "_worker", kind, json.dumps(kw)], capture_output=True,
+                          text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{kind} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------ main
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "_worker":
+        print(json.dumps(WORKERS[sys.argv[2]](**json.loads(sys.argv[3]))))
+        return
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n-images", type=int, default=1000)
+    ap.add_argument("--imgsz", default="320,640")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--weights", default=None, help="ssod checkpoint of the teacher (default: train one briefly)")
+    ap.add_argument("--model", default="yolov8n")
+    ap.add_argument("--width", type=float, default=None, help="override the model width (tiny smoke runs)")
+    ap.add_argument("--depth", type=float, default=None)
+    ap.add_argument("--train-epochs", type=int, default=3)
+    ap.add_argument("--train-images", type=int, default=400)
+    ap.add_argument("--rss-images", default="1000,10000", help="image counts for the peak-RSS comparison ('' to skip)")
+    ap.add_argument("--rss-imgsz", type=int, default=320)
+    ap.add_argument("--skip", default="", help="comma list of rows to skip: label,ort,ultralytics,torch")
+    ap.add_argument("--out", default="runs/bench-label")
+    ap.add_argument("--markdown", default=None, help="also write the table to this file")
+    args = ap.parse_args()
+
+    work = Path(args.out).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    skip = {s for s in args.skip.split(",") if s}
+    photos = make_photos(work / "photos", args.n_images)
+    weights = ensure_weights(args, work).resolve()
+    pt = ultralytics_pt(weights, work) if "ultralytics" not in skip else None
+    results: dict[str, Any] = {"n_images": args.n_images, "batch": args.batch, "weights": str(weights), "rows": {}}
+
+    for imgsz in [int(s) for s in args.imgsz.split(",") if s]:
+        onnx_path = export_onnx(weights, imgsz, work)
+        rows: dict[str, Any] = {}
+        if "label" not in skip:
+            rows["label"] = spawn("label", src=str(photos), model=str(onnx_path), out=str(work / f"out_{imgsz}"),
+                                  batch=args.batch)
+        if "ort" not in skip:
+            rows["ort"] = spawn("ort", src=str(photos), model=str(onnx_path), n=args.n_images, batch=args.batch)
+        if "ultralytics" not in skip:
+            rows["ultralytics_default"] = spawn("ultralytics", src=str(photos), pt=str(pt), imgsz=imgsz,
+                                                batch=args.batch, threads=None)
+            rows["ultralytics_2threads"] = spawn("ultralytics", src=str(photos), pt=str(pt), imgsz=imgsz,
+                                                 batch=args.batch, threads=len(os.sched_getaffinity(0)))
+        if "torch" not in skip:
+            rows["torch"] = spawn("torch", src=str(photos), weights=str(weights), imgsz=imgsz, batch=args.batch)
+        results["rows"][imgsz] = rows
+        print(f"imgsz {imgsz}: " + ", ".join(f"{k} {v['images_per_s']:.1f} img/s" for k, v in rows.items()), flush=True)
+
+    rss = {}
+    for n in [int(s) for s in args.rss_images.split(",") if s]:
+        folder = repeat_folder(photos, work / f"rss_{n}", n)
+        r = spawn("label", src=str(folder), model=str(export_onnx(weights, args.rss_imgsz, work)),
+                  out=str(work / f"rss_out_{n}"), batch=args.batch)
+        rss[n] = r
+        print(f"peak RSS, {n} images: {r['peak_rss_mb']:.0f} MB ({r['images_per_s']:.1f} img/s)", flush=True)
+    results["rss"] = rss
+    (work / "results.json").write_text(json.dumps(results, indent=1))
+    table = markdown(results, args)
+    print("\n" + table)
+    if args.markdown:
+        Path(args.markdown).write_text(table)
+
+
+def markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
+    import onnxruntime
+
+    cores = len(os.sched_getaffinity(0))
+    lines = [
+        f"`ssod label` throughput: {results['n_images']} real-photo 640x480 JPEGs, batch {results['batch']}, "
+        f"{platform.processor() or platform.machine()}, {cores} cores, onnxruntime {onnxruntime.__version__}",
+        "",
+        "| imgsz | ssod label end to end | ssod label engine | ORT model only | e2e / model | ultralytics predict (1 thr / 2 thr) | e2e / ultralytics (2 thr) | torch eager loop |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for imgsz, r in results["rows"].items():
+        def f(key: str, field: str = "images_per_s") -> str:
+            return f"{r[key][field]:.1f}" if key in r else "-"
+
+        e2e = r.get("label", {}).get("images_per_s")
+        ratio_m = f"{e2e / r['ort']['images_per_s']:.0%}" if e2e and "ort" in r else "-"
+        ratio_u = f"{e2e / r['ultralytics_2threads']['images_per_s']:.2f}x" if e2e and "ultralytics_2threads" in r else "-"
+        lines.append(
+            f"| {imgsz} | {f('label')} | {f('label', 'engine_images_per_s')} | {f('ort')} | {ratio_m} | "
+            f"{f('ultralytics_default')} / {f('ultralytics_2threads')} | {ratio_u} | {f('torch')} |"
+        )
+    lines += ["", "Targets: end to end >= 90% of ORT model only; >= 1.5x ultralytics predict (2 threads); "
+              "peak RSS 1,000 vs 10,000 images within 10%."]
+    if results.get("rss"):
+        items = list(results["rss"].items())
+        lines += ["", f"Peak RSS of `ssod label` (imgsz {args.rss_imgsz}):", "", "| images | peak RSS (MB) | images/s |", "|---|---|---|"]
+        lines += [f"| {n} | {r['peak_rss_mb']:.0f} | {r['images_per_s']:.1f} |" for n, r in items]
+        if len(items) > 1:
+            lo, hi = items[0][1]["peak_rss_mb"], items[-1][1]["peak_rss_mb"]
+            lines += ["", f"RSS change {items[0][0]} -> {items[-1][0]} images: {100 * (hi - lo) / lo:+.1f}%"]
+    lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

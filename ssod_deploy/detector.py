@@ -1,0 +1,254 @@
+"""One detector interface over every backend: images in, boxes in original pixels out.
+
+``Detector`` owns what all backends share — letterbox + normalisation before, and decoding,
+NMS, un-letterboxing and clipping after — so an ONNX model, a TensorRT engine and the PyTorch
+teacher give the same detections for the same raw outputs. A backend only runs the network
+(``infer``: normalised (B, 3, S, S) float32 -> raw outputs) and says what it loaded
+(``metadata``). Backends are imported lazily: ``import ssod_deploy.detector`` never needs
+onnxruntime's GPU libraries, tensorrt or torch.
+
+Post-processing is looked up by the model's ``output_format`` in ``POSTPROCESSORS``; a new
+output format (e.g. a Faster R-CNN's boxes/scores/labels) registers a function, no branches.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from ssod_deploy.boxes import letterbox, postprocess_dense, unletterbox_boxes
+from ssod_deploy.metadata import ModelMetadata
+
+log = logging.getLogger("ssod")
+
+LetterboxParams = tuple[float, float, float]  # (scale, pad_x, pad_y)
+RawDetections = tuple[np.ndarray, np.ndarray, np.ndarray]  # boxes xyxy input pixels, scores, labels
+
+
+@dataclass
+class Detections:
+    """Detections of one image, in ORIGINAL image pixels."""
+
+    boxes: np.ndarray  # (K, 4) float32 xyxy
+    scores: np.ndarray  # (K,) float32
+    labels: np.ndarray  # (K,) int64
+
+    def __len__(self) -> int:
+        return int(self.scores.shape[0])
+
+    @classmethod
+    def empty(cls) -> "Detections":
+        return cls(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))
+
+
+class Backend(Protocol):
+    name: str  # e.g. "onnxruntime[CPUExecutionProvider]"
+    metadata: ModelMetadata
+    max_batch: int | None  # None = any batch size
+
+    def infer(self, batch: np.ndarray) -> list[np.ndarray]:
+        """(B, 3, S, S) float32 normalised -> raw outputs (batch first)."""
+        ...
+
+
+# ------------------------------------------------------------------------------ pre-processing
+
+
+def normalise(canvases: np.ndarray, meta: ModelMetadata) -> np.ndarray:
+    """(B, S, S, 3) uint8 RGB letterboxed canvases -> (B, 3, S, S) float32 as the model expects."""
+    x = np.ascontiguousarray(canvases.transpose(0, 3, 1, 2)).astype(np.float32)
+    norm = meta.normalize or {}
+    scale = float(norm.get("scale", 1 / 255))
+    mean = np.asarray(norm.get("mean", [0.0, 0.0, 0.0]), np.float32)
+    std = np.asarray(norm.get("std", [1.0, 1.0, 1.0]), np.float32)
+    x *= np.float32(scale)
+    if mean.any() or (std != 1).any():
+        x -= mean.reshape(1, 3, 1, 1)
+        x /= std.reshape(1, 3, 1, 1)
+    return x
+
+
+def preprocess_images(
+    images: Sequence[np.ndarray], meta: ModelMetadata
+) -> tuple[np.ndarray, list[LetterboxParams]]:
+    """Letterbox each (H, W, 3) uint8 RGB image to the model's square, then normalise as one batch."""
+    if not len(images):
+        return np.zeros((0, 3, meta.imgsz, meta.imgsz), np.float32), []
+    pad = int((meta.letterbox or {}).get("pad_value", 114))
+    canvases = np.empty((len(images), meta.imgsz, meta.imgsz, 3), np.uint8)
+    params: list[LetterboxParams] = []
+    for i, img in enumerate(images):  # one cv2.resize per image: the per-image work is inherent
+        canvases[i], p = letterbox(np.asarray(img), meta.imgsz, pad)
+        params.append(p)
+    return normalise(canvases, meta), params
+
+
+# ----------------------------------------------------------------------------- post-processing
+
+Postprocess = Callable[[list[np.ndarray], float, float, int], list[RawDetections]]
+POSTPROCESSORS: dict[str, Postprocess] = {}
+
+
+def register_postprocess(output_format: str, fn: Postprocess) -> None:
+    """Make ``Detector`` understand models whose metadata says ``output_format``."""
+    POSTPROCESSORS[output_format] = fn
+
+
+def _post_dense(raw: list[np.ndarray], conf: float, iou: float, max_det: int) -> list[RawDetections]:
+    return postprocess_dense(raw[0], conf=conf, iou=iou, max_det=max_det)
+
+
+def _post_nms(raw: list[np.ndarray], conf: float, iou: float, max_det: int) -> list[RawDetections]:
+    """(B, K, 6) rows x1,y1,x2,y2,score,class from in-graph NMS; padding rows have class -1."""
+    out = np.asarray(raw[0], dtype=np.float32)
+    if out.ndim != 3 or out.shape[2] != 6:
+        raise ValueError(f"'nms' output must be (B, max_det, 6), got {out.shape}")
+    keep = (out[..., 4] > conf) & (out[..., 5] >= 0)
+    res: list[RawDetections] = []
+    for rows, k in zip(out, keep):
+        r = rows[k][:max_det]  # already sorted by score in the graph
+        res.append((r[:, :4].copy(), r[:, 4].copy(), r[:, 5].astype(np.int64)))
+    return res
+
+
+register_postprocess("dense", _post_dense)
+register_postprocess("nms", _post_nms)
+
+
+# ------------------------------------------------------------------------------------ backends
+
+BACKENDS: dict[str, str] = {  # name -> "module:class"; imported only when used
+    "onnxruntime": "ssod_deploy.backends.onnxruntime:OnnxRuntimeBackend",
+    "tensorrt": "ssod_deploy.backends.tensorrt:TensorRTBackend",
+    "torch": "ssod_deploy.backends.torch_ckpt:TorchCheckpointBackend",
+}
+SUFFIX_BACKEND: dict[str, str] = {
+    ".onnx": "onnxruntime", ".engine": "tensorrt", ".plan": "tensorrt", ".trt": "tensorrt",
+    ".pt": "torch", ".pth": "torch",
+}
+
+
+def backend_for(model: str | Path, backend: str = "auto") -> str:
+    """Which backend runs ``model``: by file suffix unless forced."""
+    if backend != "auto":
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}: use auto, {', '.join(BACKENDS)}")
+        return backend
+    suffix = Path(model).suffix.lower()
+    if suffix not in SUFFIX_BACKEND:
+        raise ValueError(
+            f"{model}: unknown model type '{suffix}' (expected {', '.join(sorted(SUFFIX_BACKEND))})"
+        )
+    return SUFFIX_BACKEND[suffix]
+
+
+def load_backend(model: str | Path, backend: str = "auto", threads: int | None = None) -> Backend:
+    path = Path(model).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: model file not found")
+    name = backend_for(path, backend)
+    module_name, cls_name = BACKENDS[name].split(":")
+    module = importlib.import_module(module_name)
+    return getattr(module, cls_name)(path, threads=threads)
+
+
+# ------------------------------------------------------------------------------------ Detector
+
+
+class Detector:
+    """Load a model file and detect objects in RGB uint8 images.
+
+    ``conf``/``iou``/``max_det`` default to the values stored in the model. With NMS inside the
+    graph the model's own conf/iou were applied already; ``conf`` can only raise the threshold.
+    """
+
+    def __init__(
+        self,
+        model: str | Path,
+        backend: str = "auto",
+        conf: float | None = None,
+        iou: float | None = None,
+        max_det: int | None = None,
+        threads: int | None = None,
+    ):
+        self.backend: Backend = load_backend(model, backend, threads)
+        self.metadata: ModelMetadata = self.backend.metadata
+        m = self.metadata
+        if m.output_format not in POSTPROCESSORS:
+            raise ValueError(
+                f"{model}: output format '{m.output_format}' is unknown to this runtime "
+                f"(known: {', '.join(POSTPROCESSORS)}); update ssod"
+            )
+        self.conf = float(m.conf if conf is None else conf)
+        self.iou = float(m.iou if iou is None else iou)
+        self.max_det = int(m.max_det if max_det is None else max_det)
+        if m.output_format == "nms" and conf is not None and conf < m.conf:
+            log.warning(f"{model}: NMS in the graph already dropped scores <= {m.conf}; conf={conf} cannot restore them")
+        self.model_path = Path(model)
+
+    def __repr__(self) -> str:
+        m = self.metadata
+        return f"Detector({self.model_path.name}, {self.backend.name}, {m.imgsz}px, {m.precision}, {m.num_classes} classes)"
+
+    @property
+    def names(self) -> list[str]:
+        return self.metadata.names
+
+    # ----------------------------------------------------------------------------- stages
+    def preprocess(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, list[LetterboxParams]]:
+        """Letterbox + normalise: (B, 3, S, S) float32 and each image's letterbox parameters."""
+        return preprocess_images(images, self.metadata)
+
+    def preprocess_one(self, image: np.ndarray) -> tuple[np.ndarray, LetterboxParams]:
+        """One image -> (3, S, S) float32 (for decode worker pools that batch later)."""
+        batch, params = preprocess_images([image], self.metadata)
+        return batch[0], params[0]
+
+    def infer(self, batch: np.ndarray) -> list[np.ndarray]:
+        """Run the network on any number of images: split by the backend's max batch, pad a fixed batch."""
+        batch = np.asarray(batch, dtype=np.float32)
+        n = batch.shape[0]
+        if n == 0:
+            raise ValueError("infer: empty batch")
+        fixed = None if self.metadata.dynamic_batch else self.metadata.batch
+        step = fixed or self.backend.max_batch or n
+        outs: list[list[np.ndarray]] = []
+        for start in range(0, n, step):
+            chunk = batch[start : start + step]
+            real = chunk.shape[0]
+            if fixed and real < fixed:
+                chunk = np.concatenate([chunk, np.zeros((fixed - real, *chunk.shape[1:]), np.float32)])
+            outs.append([o[:real] for o in self.backend.infer(np.ascontiguousarray(chunk))])
+        if len(outs) == 1:
+            return outs[0]
+        return [np.concatenate(parts) for parts in zip(*outs)]
+
+    def postprocess(
+        self,
+        raw: list[np.ndarray],
+        params: Sequence[LetterboxParams],
+        orig_hws: Sequence[tuple[int, int]],
+        conf: float | None = None,
+    ) -> list[Detections]:
+        """Raw outputs -> per-image detections in original pixels (NMS in numpy for dense outputs)."""
+        fn = POSTPROCESSORS[self.metadata.output_format]
+        per_image = fn(raw, self.conf if conf is None else float(conf), self.iou, self.max_det)
+        if not len(per_image) == len(params) == len(orig_hws):
+            raise ValueError(f"postprocess: {len(per_image)} outputs, {len(params)} params, {len(orig_hws)} sizes")
+        return [
+            Detections(unletterbox_boxes(b, p, hw).astype(np.float32), s.astype(np.float32), lab.astype(np.int64))
+            for (b, s, lab), p, hw in zip(per_image, params, orig_hws)
+        ]
+
+    def __call__(self, images: Sequence[np.ndarray], conf: float | None = None) -> list[Detections]:
+        if not len(images):
+            return []
+        batch, params = self.preprocess(images)
+        raw = self.infer(batch)
+        return self.postprocess(raw, params, [tuple(np.asarray(i).shape[:2]) for i in images], conf)
