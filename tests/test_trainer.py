@@ -70,3 +70,34 @@ def test_nan_guard_stops_with_clear_message(tiny_cfg, monkeypatch):
     monkeypatch.setattr(t.method, "losses", lambda *a, **k: {"sup": torch.tensor(float("nan"), requires_grad=True)})
     with pytest.raises(TrainingDiverged, match="non-finite.*lower lr0"):
         t.train()
+
+
+def test_ssod_run_forked_after_burn_in_equals_full_run(tiny_cfg):
+    """burn_in_from: a supervised epoch-N checkpoint + SSOD from N == SSOD with its own burn-in."""
+    kw = dict(deterministic=True, epochs=2, burn_in_epochs=1, steps_per_epoch=3)
+    full = Trainer(tiny_cfg(method="efficient_teacher", name="et-full", **kw))
+    full.train()
+    sup = Trainer(tiny_cfg(method="supervised", name="sup", save_period=1, **kw))
+    sup.train()
+    burn_in = sup.run_dir / "weights" / "epoch1.pt"
+    assert burn_in.exists() and (sup.run_dir / "weights" / "epoch2.pt").exists()
+
+    fork = Trainer(tiny_cfg(method="efficient_teacher", name="et-fork", burn_in_from=str(burn_in), **kw))
+    assert fork.start_epoch == 1 and fork.iteration == 3
+    fork.train()
+    for key in ("student", "teacher"):
+        a, b = getattr(full, key).state_dict(), getattr(fork, key).state_dict()
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{key}.{k} differs between the forked and the full run"
+    rows = list(csv.DictReader(open(fork.run_dir / "results.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2"]  # the burn-in row comes from the supervised run
+
+
+def test_burn_in_from_refuses_a_different_run(tiny_cfg):
+    kw = dict(epochs=2, burn_in_epochs=1, steps_per_epoch=2)
+    sup = Trainer(tiny_cfg(method="supervised", name="sup", save_period=1, **kw))
+    sup.train()
+    with pytest.raises(ValueError, match="imgsz=64"):
+        Trainer(tiny_cfg(method="mean_teacher", imgsz=96, burn_in_from=str(sup.run_dir / "weights" / "epoch1.pt"), **kw))
+    with pytest.raises(ValueError, match="end of burn-in"):
+        Trainer(tiny_cfg(method="mean_teacher", burn_in_from=str(sup.run_dir / "weights" / "epoch2.pt"), **kw))

@@ -70,8 +70,11 @@ class MetricsLoggerHook(Hook):
         self.plots = plots
 
     def before_train(self, trainer: "Trainer") -> None:
-        # On resume drop rows of epochs the checkpoint does not contain.
+        # On resume drop rows of epochs the checkpoint does not contain; a run forked after
+        # burn-in starts with its source run's burn-in rows, so its curves show the whole run.
         rows = self._read()
+        if not rows and trainer.forked_from is not None:
+            rows = self._read(trainer.forked_from.resolve().parent.parent / "results.csv")
         self._write([r for r in rows if int(r["epoch"]) <= trainer.start_epoch])
 
     def after_epoch(self, trainer: "Trainer") -> None:
@@ -86,10 +89,11 @@ class MetricsLoggerHook(Hook):
             except Exception as e:  # a plot must never end a training run
                 LOG.warning("could not plot %s: %s", self.csv_path, e)
 
-    def _read(self) -> list[dict[str, str]]:
-        if not self.csv_path.exists():
+    def _read(self, path: Path | None = None) -> list[dict[str, str]]:
+        path = path or self.csv_path
+        if not path.exists():
             return []
-        with open(self.csv_path, newline="") as f:
+        with open(path, newline="") as f:
             return list(csv.DictReader(f))
 
     def _write(self, rows: list[dict[str, Any]]) -> None:
@@ -111,15 +115,20 @@ def _fmt(v: Any) -> Any:
 
 
 class CheckpointHook(Hook):
-    """Writes last.pt every epoch and best.pt when the EMA teacher's fitness improves."""
+    """Writes last.pt every epoch, best.pt when the EMA teacher's fitness improves, and
+    epoch<N>.pt every ``save_period`` epochs (e.g. the end of burn-in, to fork SSOD runs from)."""
 
     def after_epoch(self, trainer: "Trainer") -> None:
         from ssod.training.engine.checkpoint import save_checkpoint
 
         ckpt = trainer.checkpoint_state()
-        save_checkpoint(ckpt, trainer.run_dir / "weights" / "last.pt")
+        weights = trainer.run_dir / "weights"
+        save_checkpoint(ckpt, weights / "last.pt")
         if trainer.is_best:
-            save_checkpoint(ckpt, trainer.run_dir / "weights" / "best.pt")
+            save_checkpoint(ckpt, weights / "best.pt")
+        period = int(trainer.cfg.get("save_period") or -1)
+        if period > 0 and (trainer.epoch + 1) % period == 0:
+            save_checkpoint(ckpt, weights / f"epoch{trainer.epoch + 1}.pt")
 
 
 class TimerHook(Hook):

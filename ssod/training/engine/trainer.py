@@ -107,7 +107,8 @@ class Trainer:
         self.spec = load_dataset(cfg["data"])
         self.names = list(self.spec.names)
 
-        model_spec = {"model": cfg["model"], "names": self.names, "width": cfg.get("width"), "depth": cfg.get("depth")}
+        model_spec = {"model": cfg["model"], "names": self.names, "width": cfg.get("width"), "depth": cfg.get("depth"),
+                      "imgsz": int(cfg["imgsz"])}
         if ckpt is not None:
             model_spec = ckpt["model_spec"]
         torch.manual_seed(cfg["seed"])
@@ -135,8 +136,11 @@ class Trainer:
         self.best_fitness = -math.inf
         self.is_best = False
         self.last_eval: dict[str, Any] | None = None
+        self.forked_from: Path | None = None
         if ckpt is not None:
             self._restore(ckpt)
+        elif cfg.get("burn_in_from"):
+            self._start_after_burn_in(cfg["burn_in_from"])
 
         name = cfg.get("name") or f"{cfg['method']}-{Path(str(cfg['model'])).stem}"
         self.run_dir = Path(run_dir) if run_dir else next_run_dir(Path(cfg["out"]), name)
@@ -342,6 +346,54 @@ class Trainer:
             "metrics": plain(self.epoch_metrics),
         }
 
+    # Settings that must equal the burn-in checkpoint's for the forked run to be the run it
+    # would have been had it done its own burn-in (the burn-in is supervised-only, so the method
+    # and its settings may differ).
+    FORK_KEYS = (
+        "data", "model", "width", "depth", "weights", "imgsz", "epochs", "batch", "seed", "optimizer", "lr0",
+        "lrf", "momentum", "weight_decay", "warmup_epochs", "warmup_bias_lr", "scheduler", "clip_grad",
+        "ema_decay", "ema_tau", "aug",
+    )
+
+    def _start_after_burn_in(self, path: str | Path) -> None:
+        """Continue from a supervised checkpoint taken at the end of burn-in (``burn_in_from``).
+
+        Burn-in epochs are supervised-only and draw the same labeled batches whatever the
+        method, so an SSOD run forked from a supervised run's epoch-``burn_in_epochs``
+        checkpoint equals the SSOD run that did its own burn-in — and several methods can
+        share one burn-in (the benchmarks do). Mismatched settings are refused, naming the key.
+        """
+        ckpt = load_checkpoint(path)
+        saved = ckpt.get("config") or {}
+        diff = [k for k in self.FORK_KEYS if saved.get(k) != self.cfg.get(k)]
+        if diff:
+            k = diff[0]
+            raise ValueError(
+                f"{path}: burn_in_from checkpoint was trained with {k}={saved.get(k)!r}, this run has "
+                f"{k}={self.cfg.get(k)!r} (all of {', '.join(diff)} must match)"
+            )
+        steps = int(ckpt["iteration"]) // max(int(ckpt["epoch"]), 1)
+        if int(ckpt["epoch"]) != self.burn_in_epochs or steps != len(self.loader):
+            raise ValueError(
+                f"{path}: burn_in_from needs a checkpoint at the end of burn-in (epoch {self.burn_in_epochs}, "
+                f"{len(self.loader)} steps/epoch); it is at epoch {ckpt['epoch']} with {steps} steps/epoch "
+                f"(train the supervised run with save_period={self.burn_in_epochs})"
+            )
+        try:
+            self.student.load_state_dict(ckpt["student"])
+            self.ema.model.load_state_dict(ckpt["teacher"])
+        except RuntimeError as e:
+            raise ValueError(f"{path}: weights do not fit this model: {str(e).splitlines()[0]}") from None
+        self.ema.updates = int(ckpt["ema_updates"])
+        load_optimizer_prefix(self.optimizer, ckpt["optimizer"])
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.start_epoch = int(ckpt["epoch"])
+        self.iteration = int(ckpt["iteration"])
+        self.best_fitness = float(ckpt["best_fitness"])
+        self.forked_from = Path(path)
+        LOG.info("starting after burn-in from %s (epoch %d)", path, self.start_epoch)
+
     def _restore(self, ckpt: dict[str, Any]) -> None:
         self.student.load_state_dict(ckpt["student"])
         self.ema.model.load_state_dict(ckpt["teacher"])
@@ -357,6 +409,30 @@ class Trainer:
         self.best_fitness = float(ckpt["best_fitness"])
         if self.start_epoch >= self.epochs:
             LOG.info("checkpoint already finished all %d epochs", self.epochs)
+
+
+def load_optimizer_prefix(opt: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """Load an optimizer state saved for a prefix of each parameter group.
+
+    ``param_groups`` lists the student's parameters first in every group, then a method's extra
+    modules (e.g. a domain discriminator); a supervised burn-in checkpoint has only the former.
+    Parameters beyond the saved prefix start with fresh state (they had no gradient before).
+    """
+    cur = opt.state_dict()
+    if len(saved["param_groups"]) != len(cur["param_groups"]):
+        raise ValueError(
+            f"optimizer state has {len(saved['param_groups'])} parameter groups, this run has {len(cur['param_groups'])}"
+        )
+    state: dict[int, Any] = {}
+    groups = []
+    for old, new in zip(saved["param_groups"], cur["param_groups"]):
+        if len(old["params"]) > len(new["params"]):
+            raise ValueError("optimizer state covers more parameters than this run's model")
+        for i, j in zip(old["params"], new["params"]):
+            if i in saved["state"]:
+                state[j] = saved["state"][i]
+        groups.append({**old, "params": new["params"]})
+    opt.load_state_dict({"state": state, "param_groups": groups})
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
