@@ -1,12 +1,18 @@
 """`ssod label` throughput on real photos vs. the model alone, ultralytics predict and a torch loop.
 
     python benchmarks/label_throughput.py [--n-images 1000] [--imgsz 320,640] [--batch 8]
-        [--weights runs/x/weights/last.pt] [--rss-images 1000,10000] [--out runs/bench-label]
+        [--weights runs/x/weights/last.pt] [--precision fp32,int8] [--rss-images 1000,10000]
+        [--out runs/bench-label]
 
 Images: the real photos that ship inside scikit-image and scikit-learn (the demo's backgrounds),
 randomly scaled, cropped and flipped into ``--n-images`` distinct 640x480 JPEGs.
 Teacher: ``--weights`` (an ssod checkpoint); without it a yolov8n is trained briefly on the demo
 data (``--train-epochs``), since throughput, not accuracy, is measured here.
+
+Exports: FP32, and INT8 (Q/DQ for ONNX Runtime's x86 path, calibrated on the photos themselves,
+as ``ssod export --int8 --calib unlabeled_dir`` does); the ssod rows are given for each.
+Note: ultralytics letterboxes each image to a rectangle (320x256 for 4:3 photos at 320), ssod to
+the exported square (320x320), i.e. ultralytics computes on 20% fewer pixels here.
 
 Rows, each over the same files and imgsz, each in a fresh process (ultralytics changes torch's
 thread count and patches Pillow on import; ssod label never imports torch):
@@ -109,12 +115,18 @@ def ensure_weights(args: argparse.Namespace, work: Path) -> Path:
     return ckpt
 
 
-def export_onnx(weights: Path, imgsz: int, work: Path) -> Path:
+def export_onnx(weights: Path, imgsz: int, work: Path, precision: str = "fp32", calib: Path | None = None) -> Path:
+    """The teacher as ONNX; ``int8`` is calibrated on ``calib`` (the photos: the unlabeled folder)."""
     from ssod.export import export_model
 
-    path = work / f"teacher_{imgsz}.onnx"
+    path = work / (f"teacher_{imgsz}.onnx" if precision == "fp32" else f"teacher_{imgsz}_{precision}.onnx")
     if not path.is_file() or path.stat().st_mtime < weights.stat().st_mtime:
-        export_model(weights, format="onnx", imgsz=imgsz, out=path)
+        if precision == "int8":
+            export_model(weights, format="onnx", imgsz=imgsz, out=path, int8=True, calib=calib, calib_size=128)
+        elif precision == "fp32":
+            export_model(weights, format="onnx", imgsz=imgsz, out=path)
+        else:
+            raise SystemExit(f"--precision: unknown '{precision}' (fp32, int8)")
     return path
 
 
@@ -271,6 +283,7 @@ def main() -> None:
     ap.add_argument("--train-images", type=int, default=400)
     ap.add_argument("--rss-images", default="1000,10000", help="image counts for the peak-RSS comparison ('' to skip)")
     ap.add_argument("--rss-imgsz", type=int, default=320)
+    ap.add_argument("--precision", default="fp32,int8", help="ONNX exports to label with (fp32, int8)")
     ap.add_argument("--skip", default="", help="comma list of rows to skip: label,ort,ultralytics,torch")
     ap.add_argument("--out", default="runs/bench-label")
     ap.add_argument("--markdown", default=None, help="also write the table to this file")
@@ -284,14 +297,18 @@ def main() -> None:
     pt = ultralytics_pt(weights, work) if "ultralytics" not in skip else None
     results: dict[str, Any] = {"n_images": args.n_images, "batch": args.batch, "weights": str(weights), "rows": {}}
 
+    precisions = [p for p in args.precision.split(",") if p]
     for imgsz in [int(s) for s in args.imgsz.split(",") if s]:
-        onnx_path = export_onnx(weights, imgsz, work)
         rows: dict[str, Any] = {}
-        if "label" not in skip:
-            rows["label"] = spawn("label", src=str(photos), model=str(onnx_path), out=str(work / f"out_{imgsz}"),
-                                  batch=args.batch)
-        if "ort" not in skip:
-            rows["ort"] = spawn("ort", src=str(photos), model=str(onnx_path), n=args.n_images, batch=args.batch)
+        for prec in precisions:
+            onnx_path = export_onnx(weights, imgsz, work, prec, calib=photos)
+            sfx = "" if prec == "fp32" else f"_{prec}"
+            if "label" not in skip:
+                rows["label" + sfx] = spawn("label", src=str(photos), model=str(onnx_path),
+                                            out=str(work / f"out_{imgsz}{sfx}"), batch=args.batch)
+            if "ort" not in skip:
+                rows["ort" + sfx] = spawn("ort", src=str(photos), model=str(onnx_path), n=args.n_images,
+                                          batch=args.batch)
         if "ultralytics" not in skip:
             rows["ultralytics_default"] = spawn("ultralytics", src=str(photos), pt=str(pt), imgsz=imgsz,
                                                 batch=args.batch, threads=None)
@@ -325,20 +342,23 @@ def markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
         f"`ssod label` throughput: {results['n_images']} real-photo 640x480 JPEGs, batch {results['batch']}, "
         f"{platform.processor() or platform.machine()}, {cores} cores, onnxruntime {onnxruntime.__version__}",
         "",
-        "| imgsz | ssod label end to end | ssod label engine | ORT model only | e2e / model | ultralytics predict (1 thr / 2 thr) | e2e / ultralytics (2 thr) | torch eager loop |",
+        "| imgsz, export | ssod label end to end | ssod label engine | ORT model only | e2e / model | ultralytics predict (1 thr / 2 thr) | e2e / ultralytics (2 thr) | torch eager loop |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for imgsz, r in results["rows"].items():
         def f(key: str, field: str = "images_per_s") -> str:
             return f"{r[key][field]:.1f}" if key in r else "-"
 
-        e2e = r.get("label", {}).get("images_per_s")
-        ratio_m = f"{e2e / r['ort']['images_per_s']:.0%}" if e2e and "ort" in r else "-"
-        ratio_u = f"{e2e / r['ultralytics_2threads']['images_per_s']:.2f}x" if e2e and "ultralytics_2threads" in r else "-"
-        lines.append(
-            f"| {imgsz} | {f('label')} | {f('label', 'engine_images_per_s')} | {f('ort')} | {ratio_m} | "
-            f"{f('ultralytics_default')} / {f('ultralytics_2threads')} | {ratio_u} | {f('torch')} |"
-        )
+        for sfx in sorted({k[len("label"):] for k in r if k.startswith("label")}):
+            label, ort = "label" + sfx, "ort" + sfx
+            e2e = r[label]["images_per_s"]
+            ratio_m = f"{e2e / r[ort]['images_per_s']:.0%}" if ort in r else "-"
+            ratio_u = f"{e2e / r['ultralytics_2threads']['images_per_s']:.2f}x" if "ultralytics_2threads" in r else "-"
+            name = f"{imgsz} {(sfx.strip('_') or 'fp32').upper()}"
+            lines.append(
+                f"| {name} | {f(label)} | {f(label, 'engine_images_per_s')} | {f(ort)} | {ratio_m} | "
+                f"{f('ultralytics_default')} / {f('ultralytics_2threads')} | {ratio_u} | {f('torch')} |"
+            )
     lines += ["", "Targets: end to end >= 90% of ORT model only; >= 1.5x ultralytics predict (2 threads); "
               "peak RSS 1,000 vs 10,000 images within 10%."]
     if results.get("rss"):

@@ -43,8 +43,8 @@ def clean_errors(fn: Callable) -> Callable:
 @clean_errors
 def train(
     data: Optional[str] = typer.Option(None, help="Dataset YAML (ultralytics data.yaml + `unlabeled:`). Default: the demo dataset, generated once into the cache."),
-    model: Optional[str] = typer.Option(None, help="yolov8n | yolo11n | yolov5nu | an ultralytics model YAML path."),
-    method: Optional[str] = typer.Option(None, help="supervised | mean_teacher | efficient_teacher."),
+    model: Optional[str] = typer.Option(None, help="yolov8n | yolo11n | yolov5nu | an ultralytics model YAML path | fasterrcnn_mobilenet_v3 | fasterrcnn_resnet50."),
+    method: Optional[str] = typer.Option(None, help="supervised | mean_teacher | efficient_teacher | soft_teacher | dtg (the last two: Faster R-CNN models only)."),
     epochs: Optional[int] = typer.Option(None, help="Training epochs."),
     imgsz: Optional[int] = typer.Option(None, help="Square training/eval image size in pixels."),
     batch: Optional[int] = typer.Option(None, help="Labeled images per step (unlabeled = batch x unlabeled-ratio)."),

@@ -6,6 +6,11 @@ Pipeline (each step one module):
     -> ``onnx.add_nms`` -> ``onnx.set_metadata`` -> file
     -> ``tensorrt.build_engine`` (``--format trt``; needs TensorRT, else instructions to finish on the target).
 NMS is appended after the precision step, so it always runs in FP32 and is never quantized.
+
+Families differ only through ``Detector.export_info()`` (see ``onnx.DEFAULT_EXPORT_INFO``): a
+family whose network ends in its own NMS (Faster R-CNN) gets conf/iou/max_det baked into its
+export module and writes the ``nms`` layout directly; one whose traced graph pins the batch
+exports a fixed batch; precisions it cannot take are refused with a one-line error.
 """
 
 from __future__ import annotations
@@ -108,12 +113,26 @@ def export_model(
             raise ValueError(f"{weights}: already an ONNX; use --format trt to build an engine from it")
         return _engine_from_onnx(weights, out, batch, dynamic, workspace_mib)
 
-    from ssod.export.onnx import add_nms, save, set_metadata, simplify, torch_to_onnx
+    from ssod.export.onnx import add_nms, export_info, save, set_metadata, simplify, torch_to_onnx
     from ssod.training.engine.checkpoint import load_detector
     from ssod_deploy.metadata import ModelMetadata
 
     t0 = time.perf_counter()
     model, ckpt = load_detector(weights, which)
+    info = export_info(model)
+    family = getattr(model, "family", "yolo")
+    precision = "fp16" if half else "int8" if int8 else "fp32"
+    if precision not in info["precisions"]:
+        raise ValueError(f"--half/--int8: the {family} family exports {'/'.join(info['precisions'])} only "
+                         "(its graph cannot be converted reliably); export without them")
+    if dynamic and not info["dynamic_batch"]:
+        log.info(f"the {family} family exports a fixed batch of {batch} (--static implied)")
+        dynamic = False
+    if nms and info["nms_in_graph"]:
+        log.info(f"the {family} family has NMS in its graph already: --nms changes nothing")
+    if fmt == "trt" and not info["tensorrt_verified"]:
+        log.warning(f"a TensorRT build of a {family} graph has never been verified (no GPU here); "
+                    "if it fails, run the .onnx with ONNX Runtime")
     cfg = ckpt.get("config") or {}
     imgsz = int(imgsz or cfg.get("imgsz") or 640)
     stride = int(max(float(s) for s in getattr(model, "stride", [32])))
@@ -122,23 +141,26 @@ def export_model(
     onnx_path, engine_path = _paths(weights, fmt, out, half, int8, nms, which, int8_target)
     em = dict(ckpt.get("export_metadata") or {})
     meta = ModelMetadata(
-        names=list(ckpt["names"]), imgsz=imgsz, stride=stride, family=getattr(model, "family", "yolo"),
-        dynamic_batch=dynamic, batch=batch, precision="fp16" if half else "int8" if int8 else "fp32",
+        names=list(ckpt["names"]), imgsz=imgsz, stride=stride, family=family,
+        dynamic_batch=dynamic, batch=batch, precision=precision,
         conf=conf, iou=iou, max_det=max_det, tau1=em.pop("tau1", None), tau2=em.pop("tau2", None),
         method=str(em.pop("method", ckpt.get("method", "supervised"))),
-        extra={"weights": which, "epoch": ckpt.get("epoch"), "opset": opset, **em},
+        extra={"weights": which, "epoch": ckpt.get("epoch"), "opset": opset,
+               "exporter": "torchscript (dynamo=False)", **em},
     )
 
     calib_paths = _calibration_images(calib, ckpt, calib_method) if int8 else None  # fail before tracing
 
-    proto, meta.output_format, out_shape = torch_to_onnx(model, imgsz, batch, dynamic, opset)
+    # A family whose network ends in NMS gets the thresholds baked into its export module.
+    module = model.export_module(conf=conf, iou=iou, max_det=max_det) if info["nms_in_graph"] else None
+    proto, meta.output_format, out_shape = torch_to_onnx(model, imgsz, batch, dynamic, opset, module=module)
     proto = simplify(proto)
     if half or int8:
         proto = _reduce_precision(proto, meta, out_shape, half, calib_paths, calib_size, calib_method, dynamic,
                                   int8_target)
         if int8:
             meta.extra["calibration"]["source"] = str(calib) if calib is not None else "unlabeled"
-    if nms:
+    if nms and not info["nms_in_graph"]:
         proto = add_nms(proto, meta)
     set_metadata(proto, meta)
     save(proto, onnx_path)

@@ -32,10 +32,26 @@ NMS_OUTPUT_NAME = "detections"
 MIN_OPSET = 13  # ScatterND/GatherND/Squeeze-with-axes-input as used below
 
 
+# What a family's graph allows, for families that do not say (``Detector.export_info()`` overrides):
+# output layout, whether the batch axis can be dynamic, whether NMS is part of the network itself,
+# which precisions the exporter may produce, and whether a TensorRT build was ever verified.
+DEFAULT_EXPORT_INFO: dict[str, Any] = {
+    "output_format": "dense", "dynamic_batch": True, "nms_in_graph": False,
+    "precisions": ("fp32", "fp16", "int8"), "tensorrt_verified": True,
+}
+
+
+def export_info(model: Any) -> dict[str, Any]:
+    """``DEFAULT_EXPORT_INFO`` updated with the model's own ``export_info()`` (a capability, not a name check)."""
+    own = model.export_info() if hasattr(model, "export_info") else {}
+    return {**DEFAULT_EXPORT_INFO, **dict(own)}
+
+
 def torch_to_onnx(
-    model: Any, imgsz: int, batch: int = 1, dynamic: bool = True, opset: int = 17
+    model: Any, imgsz: int, batch: int = 1, dynamic: bool = True, opset: int = 17, module: Any = None
 ) -> tuple[onnx.ModelProto, str, tuple[int, ...]]:
-    """Trace ``model.export_module()`` -> (ONNX model, output format, first output's shape at ``batch``).
+    """Trace ``module`` (default ``model.export_module()``) -> (ONNX model, output format, first
+    output's shape at ``batch``).
 
     The module may declare ``output_format`` (default ``"dense"``) and ``output_names`` (default
     ``["output0"]``) so a family with several outputs exports without changes here.
@@ -44,9 +60,10 @@ def torch_to_onnx(
 
     if opset < MIN_OPSET:
         raise ValueError(f"opset {opset} is too old: use {MIN_OPSET} or newer (17 recommended)")
-    if not hasattr(model, "export_module"):
-        raise ValueError(f"model family '{getattr(model, 'family', type(model).__name__)}' has no export_module()")
-    module = model.export_module()
+    if module is None:
+        if not hasattr(model, "export_module"):
+            raise ValueError(f"model family '{getattr(model, 'family', type(model).__name__)}' has no export_module()")
+        module = model.export_module()
     fmt = str(getattr(module, "output_format", "dense"))
     names = list(getattr(module, "output_names", [OUTPUT_NAME]))
     x = torch.zeros(max(1, batch), 3, imgsz, imgsz)

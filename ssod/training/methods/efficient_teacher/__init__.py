@@ -1,4 +1,8 @@
-"""Efficient Teacher (Xu et al., 2023; seed 004) for anchor-free YOLO heads.
+"""Efficient Teacher (Xu et al., 2023; seed 004) for anchor-free YOLO heads and two-stage models.
+
+A two-stage student (``two_stage`` capability: Faster R-CNN) takes the path in ``two_stage.py``
+(same thresholds, Epoch Adaptor, hooks, checkpoint state and export metadata); what follows
+describes the dense path.
 
 One step after burn-in:
 
@@ -38,6 +42,7 @@ from ssod.training.methods.efficient_teacher.assigner import (
     dense_teacher_detections,
     labeled_targets,
 )
+from ssod.training.methods.efficient_teacher.two_stage import two_stage_feature_channels, two_stage_losses
 from ssod.training.methods.mean_teacher import method_config
 from ssod.training.pseudo import QualityMeter, eval_mode, select, weak_to_strong
 
@@ -136,12 +141,16 @@ class EfficientTeacher(Method):
                     "efficient_teacher: extra_modules(student) needs the student to size the domain "
                     "discriminator to its neck features (or set domain_adaptation: false)"
                 )
-            _require_dense(student)
             p = next(student.parameters())
-            size = max(64, 2 * int(torch.as_tensor(student.stride).max()))
-            with eval_mode(student):
-                feats, _ = student.forward_features(torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype))
-            self.disc = DomainDiscriminator([f.shape[1] for f in feats], hidden=int(self.cfg["da_hidden"])).to(p.device)
+            if getattr(student, "two_stage", False):
+                channels = two_stage_feature_channels(student)
+            else:
+                _require_dense(student)
+                size = max(64, 2 * int(torch.as_tensor(student.stride).max()))
+                with eval_mode(student):
+                    feats, _ = student.forward_features(torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype))
+                channels = [f.shape[1] for f in feats]
+            self.disc = DomainDiscriminator(channels, hidden=int(self.cfg["da_hidden"])).to(p.device)
         return self.disc
 
     def hooks(self) -> list[Hook]:
@@ -185,7 +194,9 @@ class EfficientTeacher(Method):
             sup, parts = student.loss(labeled)
             self.step_log = {f"sup_{k}": float(v) for k, v in parts.items()}
             return {"sup": sup}
-        _require_dense(student)
+        two_stage = bool(getattr(student, "two_stage", False))  # a capability, never the model name
+        if not two_stage:
+            _require_dense(student)
         c = self.cfg
         adaptor = self._ensure(student.names)
         if c["domain_adaptation"] and self.disc is None:
@@ -198,6 +209,9 @@ class EfficientTeacher(Method):
                 "efficient_teacher: no labeled class counts (set_dataset was not called); thresholds stay fixed"
             )
             self._warned = True
+
+        if two_stage:
+            return two_stage_losses(self, labeled, unlabeled, student, teacher)
 
         # 1. teacher on the weak view; every score feeds the adaptor
         device = unlabeled["weak"].device
@@ -294,6 +308,6 @@ def _require_dense(model: "Detector") -> None:
     missing = [n for n in need if not hasattr(model, n)]
     if missing:
         raise ValueError(
-            f"efficient_teacher needs an anchor-free YOLO model (ultralytics Detect head); model family "
-            f"'{getattr(model, 'family', type(model).__name__)}' lacks {missing}: use --method mean_teacher"
+            f"efficient_teacher needs an anchor-free YOLO model (ultralytics Detect head) or a two-stage model; "
+            f"model family '{getattr(model, 'family', type(model).__name__)}' lacks {missing}: use --method mean_teacher"
         )
