@@ -130,6 +130,26 @@ def test_pla_loss_finite_with_no_or_many_pseudo_boxes(student, per_image):
         assert float(out["box"].detach()) > 0
 
 
+def test_ignore_regions_drop_the_background_loss_only_inside_them(student):
+    """ignore_low_score: unassigned positions inside low-score teacher boxes get no class loss."""
+    torch.manual_seed(4)
+    raw = [r.detach().requires_grad_(True) for r in student.forward_raw(torch.rand(1, 3, S, S))]
+    pla = PseudoLabelAssigner(student.criterion())
+    t = _targets([[0, 0, 24, 24]], [0], [0.9], [True], [True])
+    regions = [[32.0, 32, 64, 64], [8, 8, 20, 20]]  # the second overlaps the reliable box
+    base = pla(raw, t)
+    out = pla(raw, t, {"boxes": torch.tensor(regions), "batch_idx": torch.tensor([0, 0])})
+    centers = _anchor_centers(student)
+    fg = base["cls_target"][0].sum(1) > 0
+    expect = (_inside(centers, regions[0]) | _inside(centers, regions[1])) & ~fg
+    assert int(out["ignored"]) == int(expect.sum()) > 0
+    assert float(out["cls"]) < float(base["cls"]) and torch.equal(out["box"], base["box"])
+    out["cls"].backward()
+    nc = len(NAMES)
+    g = torch.cat([r.grad.flatten(2) for r in raw], 2)[0, -nc:].abs().sum(0)  # (A,) class-logit gradient
+    assert (g[expect] == 0).all() and (g[~expect] > 0).all()
+
+
 def test_localization_quality_measures_edge_sharpness():
     r = 16
     uniform = torch.zeros(4, r)
@@ -306,6 +326,24 @@ def test_efficient_teacher_losses_end_to_end(student):
     fresh = build_method("efficient_teacher", {})
     fresh.load_state_dict(state)
     assert fresh.state_dict()["tau1"] == state["tau1"]
+
+
+def test_ignore_low_score_turns_sub_tau1_boxes_into_ignore_regions(student):
+    """tau1 above the teacher's 0.5 class-b boxes: off -> they are background, on -> ignored."""
+    student = copy.deepcopy(student).train()
+    teacher = _confident_teacher(student)
+    labeled, unlabeled = _batches()
+    cls_loss = {}
+    for on in (False, True):
+        m = build_method("efficient_teacher", {"domain_adaptation": False, "tau1": 0.6, "tau2": 0.9,
+                                               "ignore_low_score": on})
+        m.set_label_statistics([2, 1, 0], 4, names=NAMES)
+        m.start_epoch()
+        losses = m.losses(labeled, unlabeled, student, teacher)
+        assert all(torch.isfinite(v) for v in losses.values())
+        cls_loss[on] = float(losses["unsup_cls"].detach())
+        assert (m.log_values().get("pl_ignore_regions_per_img", 0) > 0) == on
+    assert cls_loss[True] < cls_loss[False]
 
 
 def test_efficient_teacher_without_adaptation_or_pseudo_boxes(student):

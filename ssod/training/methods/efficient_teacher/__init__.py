@@ -221,6 +221,7 @@ class EfficientTeacher(Method):
         bu = int(unlabeled["weak"].shape[0])
         if c["adaptive_thresholds"]:
             adaptor.observe(weak["scores"], weak["labels"], bu)
+        low = select(weak, weak["scores"] < tau1[weak["labels"]]) if c["ignore_low_score"] else None
         weak = select(weak, weak["scores"] >= tau1[weak["labels"]])
         weak["reliable"] = weak["scores"] >= tau2[weak["labels"]]
         weak["box_ok"] = weak["reliable"] | (weak["loc_quality"] >= c["uncertain_box_loc"])
@@ -247,7 +248,10 @@ class EfficientTeacher(Method):
         crit = student.criterion()
         sup = PseudoLabelAssigner(crit)([r[:bl] for r in raw], labeled_targets(labeled))
         pla = PseudoLabelAssigner(crit, c["unsup_cls_weight"], c["unsup_box_weight"], c["unsup_dfl_weight"])
-        uns = pla([r[bl:] for r in raw], strong)
+        ignore = weak_to_strong(low, unlabeled, c["min_box_size"], c["min_visible"]) if low is not None else None
+        uns = pla([r[bl:] for r in raw], strong, ignore)
+        if ignore is not None:
+            self.meter.add_count("pl_ignore_regions", len(ignore["scores"]))
         out = {
             "sup": (sup["box"] + sup["cls"] + sup["dfl"]) * bl,
             "unsup_cls": c["lambda_u"] * bu * uns["cls"],

@@ -18,7 +18,10 @@ analogue is the sharpness of the teacher's DFL edge distributions: ``localizatio
 the mean over the 4 edges of the largest probability mass on two adjacent bins. A perfectly
 trained DFL puts all mass on the two bins around the true distance (quality 1); a vague edge
 spreads it (uniform over 16 bins: 0.125). ``uncertain_box_loc`` (0.85) plays the 0.99 gate's
-role: only nearly sharp edges pass.
+role. Measured (benchmarks/loc_quality_gate.py, demo data, teacher after burn-in): trained DFL
+edges are sharp almost everywhere, so 0.85 passes 91% of uncertain boxes, and sharpness barely
+predicts whether an uncertain box is right (precision 0.32 at any gate) — set 1.0 for the
+paper's plain PLA (no box loss on uncertain boxes).
 
 All boxes of a batch are assigned in ONE call of the assigner (targets padded per image as in
 ultralytics' ``preprocess``); no Python loop over boxes or images.
@@ -39,7 +42,7 @@ if TYPE_CHECKING:
     from ssod.training.models.base import Detector
 
 __all__ = [
-    "pad_per_image", "localization_quality", "dense_teacher_detections", "PseudoLabelAssigner",
+    "pad_per_image", "inside_any", "localization_quality", "dense_teacher_detections", "PseudoLabelAssigner",
     "labeled_targets",
 ]
 
@@ -126,6 +129,18 @@ def dense_teacher_detections(
     }
 
 
+def inside_any(points: torch.Tensor, boxes: torch.Tensor, batch_idx: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """(B, A) bool: point ``a`` (A, 2 pixels) lies strictly inside a box of image ``b``.
+
+    One padded (B, A, M) comparison; M is the largest box count of an image.
+    """
+    padded, mask = pad_per_image(batch_idx, boxes.float(), batch_size)  # (B, M, 4), (B, M)
+    x, y = points[None, :, None, 0], points[None, :, None, 1]  # (1, A, 1)
+    b = padded[:, None]  # (B, 1, M, 4)
+    inside = (x > b[..., 0]) & (x < b[..., 2]) & (y > b[..., 1]) & (y < b[..., 3]) & mask[:, None]
+    return inside.any(-1)
+
+
 def labeled_targets(batch: dict[str, Any]) -> PseudoLabels:
     """A labeled batch as PLA targets: every box reliable with score 1 (= ultralytics' supervised loss)."""
     n = len(batch["cls"])
@@ -154,13 +169,18 @@ class PseudoLabelAssigner:
         self.crit = criterion
         self.weights = {"cls": float(cls_weight), "box": float(box_weight), "dfl": float(dfl_weight)}
 
-    def __call__(self, raw: list[torch.Tensor], targets: PseudoLabels) -> dict[str, torch.Tensor]:
+    def __call__(
+        self, raw: list[torch.Tensor], targets: PseudoLabels, ignore: PseudoLabels | None = None
+    ) -> dict[str, torch.Tensor]:
         """Losses on ``raw`` (per-level (B, 4R + nc, H, W) maps) for ``targets`` in the same view.
 
         ``targets``: boxes (N,4) xyxy pixels, labels, scores, batch_idx, reliable (bool), box_ok
-        (bool: box/DFL loss wanted). Returns gain- and weight-scaled per-image-normalised ``cls``,
-        ``box``, ``dfl`` (multiply by the batch size for ultralytics' scale, as ``Detector.loss``
-        does) and detached counts ``pos_reliable``, ``pos_uncertain``, ``pos_box``.
+        (bool: box/DFL loss wanted). ``ignore`` (boxes, batch_idx): regions where positions not
+        assigned to a target get no classification loss instead of the background target (the
+        ``ignore_low_score`` option: teacher boxes below tau1 are weak evidence of an object, not
+        of background). Returns gain- and weight-scaled per-image-normalised ``cls``, ``box``,
+        ``dfl`` (multiply by the batch size for ultralytics' scale, as ``Detector.loss`` does) and
+        detached counts ``pos_reliable``, ``pos_uncertain``, ``pos_box``, ``ignored``.
         """
         crit = self.crit
         reg_max, nc = int(crit.reg_max), int(crit.nc)
@@ -213,6 +233,10 @@ class PseudoLabelAssigner:
         class_weights = getattr(crit, "class_weights", None)
         if class_weights is not None:
             bce = bce * class_weights
+        ignored = torch.zeros_like(fg_mask)
+        if ignore is not None and ignore["boxes"].numel():
+            ignored = inside_any(anchor_points * stride_tensor, ignore["boxes"], ignore["batch_idx"], bsz) & ~fg_mask
+            bce = bce * (~ignored)[..., None].to(bce.dtype)
         loss_cls = bce.sum() / tss
         loss_box, loss_dfl = crit.bbox_loss(
             pred_distri, pred_bboxes, anchor_points, target_bboxes / stride_tensor,
@@ -226,6 +250,7 @@ class PseudoLabelAssigner:
             "pos_reliable": rel.sum().detach(),
             "pos_uncertain": (fg_mask & ~rel).sum().detach(),
             "pos_box": box_pos.sum().detach(),
+            "ignored": ignored.sum().detach(),
             # exposed for tests and diagnostics (detached)
             "cls_target": cls_t.detach(),
             "box_mask": box_pos.detach(),
