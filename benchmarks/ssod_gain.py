@@ -49,12 +49,13 @@ EXTRA_ROWS = {
 
 
 def config(args, data: Path, method: str, method_cfg: dict, name: str, **kw) -> dict:
+    kw.setdefault("burn_in_epochs", args.burn_in)
     if method == "supervised" and args.burn_in > 0:
         kw.setdefault("save_period", args.burn_in)  # epoch<burn_in>.pt: the SSOD rows start from it
     return resolve_config(
         None, data=str(data), model=args.model, width=args.width, depth=args.depth, method=method,
         epochs=args.epochs, steps_per_epoch=args.steps, imgsz=args.imgsz, batch=args.batch,
-        workers=args.workers, out=args.out, name=name, burn_in_epochs=args.burn_in,
+        workers=args.workers, out=args.out, name=name,
         val_interval=args.val_interval, seed=args.seed, method_cfg=method_cfg, **kw,
     )
 
