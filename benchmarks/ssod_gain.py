@@ -46,6 +46,7 @@ EXTRA_ROWS = {
     "et_ignore_low": ("efficient_teacher", 0.1, {"ignore_low_score": True}),
     "et_lambda1_plain_pla": ("efficient_teacher", 0.1, {"lambda_u": 1.0, "uncertain_box_loc": 1.0}),
     "et_lambda1": ("efficient_teacher", 0.1, {"lambda_u": 1.0}),
+    "et_plain_pla": ("efficient_teacher", 0.1, {"uncertain_box_loc": 1.0}),
 }
 
 
