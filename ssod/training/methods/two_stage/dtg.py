@@ -44,9 +44,9 @@ from torch import Tensor
 
 from ssod.config import method_defaults
 from ssod.training.data.batch import Batch
-from ssod.training.engine.hooks import Hook
-from ssod.training.methods.base import Method, register_method
-from ssod.training.methods.mean_teacher import MeterHook, method_config
+from ssod.training.methods.base import register_method
+from ssod.training.methods.mean_teacher import method_config
+from ssod.training.methods.two_stage.seeded import SeededStepMethod
 from ssod.training.methods.two_stage.common import (
     image_index,
     map_rows,
@@ -63,7 +63,7 @@ from ssod.training.methods.two_stage.dtg_ops import (
     rank_matching_loss,
     softmax_focal_loss,
 )
-from ssod.training.pseudo import QualityMeter, eval_mode
+from ssod.training.pseudo import eval_mode
 
 if TYPE_CHECKING:
     from ssod.training.models.base import Detector
@@ -72,7 +72,7 @@ __all__ = ["DTG"]
 
 
 @register_method
-class DTG(Method):
+class DTG(SeededStepMethod):
     name = "dtg"
     uses_unlabeled = True
 
@@ -87,28 +87,6 @@ class DTG(Method):
                 raise ValueError(f"method 'dtg': {k} must be in [0, 1], got {c[k]}")
         if c["temperature"] <= 0:
             raise ValueError(f"method 'dtg': temperature must be > 0, got {c['temperature']}")
-        self.meter = QualityMeter()
-        self.step_log: dict[str, float] = {}
-        self._gen: torch.Generator | None = None
-        self._steps = 0
-
-    def hooks(self) -> list[Hook]:
-        return [MeterHook(self)]
-
-    def start_epoch(self) -> None:
-        self.meter.reset()
-
-    def _generator(self, device: torch.device) -> torch.Generator:
-        if self._gen is None or self._gen.device != device:
-            self._gen = torch.Generator(device=device)
-        self._gen.manual_seed(int(self.cfg["seed"]) * 1_000_003 + self._steps)
-        return self._gen
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"steps": int(self._steps)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._steps = int(state.get("steps", 0))
 
     # --------------------------------------------------------------------------- step
     def losses(

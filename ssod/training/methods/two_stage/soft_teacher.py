@@ -33,9 +33,9 @@ from torch import Tensor
 
 from ssod.config import method_defaults
 from ssod.training.data.batch import Batch
-from ssod.training.engine.hooks import Hook
-from ssod.training.methods.base import Method, register_method
-from ssod.training.methods.mean_teacher import MeterHook, method_config
+from ssod.training.methods.base import register_method
+from ssod.training.methods.mean_teacher import method_config
+from ssod.training.methods.two_stage.seeded import SeededStepMethod
 from ssod.training.methods.two_stage.common import (
     image_index,
     map_rows,
@@ -51,7 +51,6 @@ from ssod.training.methods.two_stage.soft_teacher_ops import (
 )
 from ssod.training.pseudo import (
     PseudoLabels,
-    QualityMeter,
     concat_detections,
     eval_mode,
     select,
@@ -96,7 +95,7 @@ def jitter_variance(
 
 
 @register_method
-class SoftTeacher(Method):
+class SoftTeacher(SeededStepMethod):
     name = "soft_teacher"
     uses_unlabeled = True
 
@@ -111,29 +110,6 @@ class SoftTeacher(Method):
                 raise ValueError(f"method 'soft_teacher': {k} must be in [0, 1], got {c[k]}")
         if c["n_jitter"] < 2:
             raise ValueError(f"method 'soft_teacher': n_jitter must be >= 2 (a variance needs 2 samples), got {c['n_jitter']}")
-        self.meter = QualityMeter()
-        self.step_log: dict[str, float] = {}
-        self._gen: torch.Generator | None = None
-        self._steps = 0
-
-    def hooks(self) -> list[Hook]:
-        return [MeterHook(self)]
-
-    def start_epoch(self) -> None:
-        self.meter.reset()
-
-    def _generator(self, device: torch.device) -> torch.Generator:
-        """Jitter noise: seeded per step from (seed, step) so a resumed run draws the same boxes."""
-        if self._gen is None or self._gen.device != device:
-            self._gen = torch.Generator(device=device)
-        self._gen.manual_seed(int(self.cfg["seed"]) * 1_000_003 + self._steps)
-        return self._gen
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"steps": int(self._steps)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._steps = int(state.get("steps", 0))
 
     # --------------------------------------------------------------------------- step
     def losses(
