@@ -18,10 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +29,8 @@ from ssod.export import export_model
 from ssod.training.engine.checkpoint import load_detector, save_checkpoint
 from ssod.training.models.base import build_model
 
+from export_speed import time_it  # the sibling benchmark's timer (run as `python benchmarks/...`)
+
 
 def random_checkpoint(path: Path, model: str, imgsz: int, nc: int = 80) -> Path:
     """An ssod checkpoint of a randomly initialised model (``weights=None``: nothing downloaded)."""
@@ -41,18 +40,6 @@ def random_checkpoint(path: Path, model: str, imgsz: int, nc: int = 80) -> Path:
     save_checkpoint({"model_spec": det.spec, "names": det.names, "teacher": sd, "student": sd,
                      "config": {"imgsz": imgsz, "data": None}, "export_metadata": {"method": "supervised"}}, path)
     return path
-
-
-def time_it(fn: Callable[[], object], batch: int, seconds: float) -> float:
-    """Median images/s over repeated calls (2 warm-up calls first)."""
-    fn(), fn()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < 3 or time.perf_counter() - start < seconds:
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return batch / statistics.median(times)
 
 
 def main() -> None:
