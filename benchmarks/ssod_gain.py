@@ -89,6 +89,20 @@ def step_cost(args, data: Path, method_name: str = "efficient_teacher", n: int =
     return out
 
 
+def _read_results(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _save_row(path: Path, row: str, result: dict) -> dict:
+    """Merge one row into the results file (re-read first: two 1-thread processes may share it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    results = {**_read_results(path), row: result}
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(results, indent=2))
+    tmp.replace(path)
+    return results
+
+
 def main(rows: dict = ROWS, cost_methods: tuple[str, ...] = ("efficient_teacher",), **defaults) -> None:
     """Run (or resume) the rows, print the table and the step cost; ``defaults`` override the CLI's."""
     ap = argparse.ArgumentParser()
@@ -117,10 +131,8 @@ def main(rows: dict = ROWS, cost_methods: tuple[str, ...] = ("efficient_teacher"
 
     data = {r: make_demo_dataset(Path(args.data_root) / f"demo-r{r}", seed=0, labeled_ratio=r, n_train=args.n_train, progress=False)
             for r in (0.1, 1.0)}
-    results = {}
     results_path = Path(args.out) / "ssod_gain.json"
-    if results_path.exists():
-        results = json.loads(results_path.read_text())
+    results = _read_results(results_path)
     for row in filter(None, args.rows.split(",")):
         if row in results:
             continue  # resumable: rows already measured are kept
@@ -129,14 +141,14 @@ def main(rows: dict = ROWS, cost_methods: tuple[str, ...] = ("efficient_teacher"
         method, ratio, mcfg = rows.get(row) or EXTRA_ROWS[row]
         kw = {}
         if method != "supervised" and args.burn_in > 0:
+            results = {**_read_results(results_path), **results}  # another process may have finished it
             if "supervised" not in results:
                 raise SystemExit(f"row {row} starts after the supervised row's burn-in: run 'supervised' first")
             kw["burn_in_from"] = str(Path(results["supervised"]["run"]) / "weights" / f"epoch{args.burn_in}.pt")
         t0 = time.perf_counter()
         res = Trainer(config(args, data[ratio], method, mcfg, row, **kw)).train()
         results[row] = {**res["metrics"], "minutes": (time.perf_counter() - t0) / 60, "run": res["run_dir"]}
-        results_path.parent.mkdir(parents=True, exist_ok=True)
-        results_path.write_text(json.dumps(results, indent=2))
+        results = _save_row(results_path, row, results[row])
         print(f"{row}: {results[row]['mAP50-95']:.4f} / {results[row]['mAP50']:.4f} in {results[row]['minutes']:.1f} min", flush=True)
 
     sup, orc = results.get("supervised"), results.get("oracle_100pct")

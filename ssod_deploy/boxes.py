@@ -58,19 +58,35 @@ def box_iou(a: np.ndarray, b: np.ndarray, eps: float = 1e-9) -> np.ndarray:
 # ---------------------------------------------------------------------------------- letterbox
 
 
-def letterbox_params(h: int, w: int, imgsz: int) -> tuple[float, float, float]:
-    """(scale, pad_x, pad_y) fitting an h x w image into an imgsz square, aspect kept.
+def letterbox_shape(h: int, w: int, imgsz: int, stride: int | None = None) -> tuple[int, int]:
+    """Canvas (H, W) for an h x w image: the imgsz square, or with ``stride`` the smallest
+    stride-multiple rectangle holding the image resized to longest side imgsz (ultralytics'
+    ``auto`` letterbox: a 640x480 photo at 320 becomes 320x256, 20% fewer pixels than 320x320)."""
+    if stride is None:
+        return imgsz, imgsz
+    if h <= 0 or w <= 0 or imgsz <= 0 or stride <= 0:
+        raise ValueError(f"letterbox_shape: invalid sizes h={h} w={w} imgsz={imgsz} stride={stride}")
+    new_w, new_h = _resized_wh(h, w, min(imgsz / h, imgsz / w), imgsz)
+    return -(-new_h // stride) * stride, -(-new_w // stride) * stride
+
+
+def letterbox_params(
+    h: int, w: int, imgsz: int, canvas_hw: tuple[int, int] | None = None
+) -> tuple[float, float, float]:
+    """(scale, pad_x, pad_y) fitting an h x w image into a canvas (default the imgsz square),
+    aspect kept, longest side resized to imgsz.
 
     Upscaling is allowed. The pads are the *integer* left/top offsets where ``letterbox``
-    places the resized image: ``(imgsz - round(w * scale)) / 2`` when that is whole, rounded
+    places the resized image: ``(canvas - round(w * scale)) / 2`` when that is whole, rounded
     down when it is a half (ultralytics' ``round(d - 0.1)``), so the inverse is exact.
     """
     if h <= 0 or w <= 0 or imgsz <= 0:
         raise ValueError(f"letterbox_params: invalid sizes h={h} w={w} imgsz={imgsz}")
+    ch, cw = canvas_hw or (imgsz, imgsz)
     scale = min(imgsz / h, imgsz / w)
     new_w, new_h = _resized_wh(h, w, scale, imgsz)
-    pad_x = float(round((imgsz - new_w) / 2 - 0.1))
-    pad_y = float(round((imgsz - new_h) / 2 - 0.1))
+    pad_x = float(round((cw - new_w) / 2 - 0.1))
+    pad_y = float(round((ch - new_h) / 2 - 0.1))
     return float(scale), pad_x, pad_y
 
 
@@ -81,21 +97,23 @@ def _resized_wh(h: int, w: int, scale: float, imgsz: int) -> tuple[int, int]:
 
 
 def letterbox(
-    img: np.ndarray, imgsz: int, pad_value: int = PAD_VALUE
+    img: np.ndarray, imgsz: int, pad_value: int = PAD_VALUE, stride: int | None = None
 ) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """Resize ``img`` (H, W, 3) uint8 into an imgsz x imgsz canvas; returns (canvas, params)."""
+    """Resize ``img`` (H, W, 3) uint8 to longest side imgsz and pad it into the imgsz square, or
+    with ``stride`` into its smallest stride-multiple rectangle; returns (canvas, params)."""
     if img.ndim == 2:
         img = np.repeat(img[..., None], 3, axis=2)
     if img.ndim != 3 or img.shape[2] != 3:
         raise ValueError(f"letterbox expects (H, W, 3) images, got shape {img.shape}")
     h, w = img.shape[:2]
-    params = letterbox_params(h, w, imgsz)
+    canvas_hw = letterbox_shape(h, w, imgsz, stride)
+    params = letterbox_params(h, w, imgsz, canvas_hw)
     scale, pad_x, pad_y = params
     new_w, new_h = _resized_wh(h, w, scale, imgsz)
     if (new_w, new_h) != (w, h):
         interp = cv2.INTER_AREA if scale < 0.5 else cv2.INTER_LINEAR
         img = cv2.resize(np.ascontiguousarray(img), (new_w, new_h), interpolation=interp)
-    canvas = np.full((imgsz, imgsz, 3), pad_value, dtype=np.uint8)
+    canvas = np.full((*canvas_hw, 3), pad_value, dtype=np.uint8)
     top, left = int(pad_y), int(pad_x)
     canvas[top : top + new_h, left : left + new_w] = img
     return canvas, params
