@@ -11,8 +11,9 @@ data (``--train-epochs``), since throughput, not accuracy, is measured here.
 
 Exports: FP32, and INT8 (Q/DQ for ONNX Runtime's x86 path, calibrated on the photos themselves,
 as ``ssod export --int8 --calib unlabeled_dir`` does); the ssod rows are given for each.
-Note: ultralytics letterboxes each image to a rectangle (320x256 for 4:3 photos at 320), ssod to
-the exported square (320x320), i.e. ultralytics computes on 20% fewer pixels here.
+Every row letterboxes a 640x480 photo to the same rectangle (320x256 at 320, 640x512 at 640):
+ultralytics predict does so for same-shape batches, ssod's default ONNX export takes any
+stride-multiple H, W (``--rect``), and the torch loop uses the same rectangle.
 
 Rows, each over the same files and imgsz, each in a fresh process (ultralytics changes torch's
 thread count and patches Pillow on import; ssod label never imports torch):
@@ -233,11 +234,12 @@ def w_torch(src: str, weights: str, imgsz: int, batch: int) -> dict[str, Any]:
     from ssod_deploy.images import discover_images, read_image
 
     det, _ = load_detector(weights, "teacher")
+    stride = int(max(float(s) for s in det.stride))
     files = discover_images(src)
 
     def run(paths) -> int:
         imgs = [read_image(p) for p in paths]
-        canv, params = zip(*(letterbox(im, imgsz) for im in imgs))
+        canv, params = zip(*(letterbox(im, imgsz, stride=stride) for im in imgs))  # all 640x480: one shape
         x = torch.from_numpy(np.stack(canv)).permute(0, 3, 1, 2).float().div_(255)
         with torch.inference_mode():
             out = det.predict(x, conf=0.25, iou=0.7)

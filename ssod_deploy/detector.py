@@ -3,7 +3,7 @@
 ``Detector`` owns what all backends share — letterbox + normalisation before, and decoding,
 NMS, un-letterboxing and clipping after — so an ONNX model, a TensorRT engine and the PyTorch
 teacher give the same detections for the same raw outputs. A backend only runs the network
-(``infer``: normalised (B, 3, S, S) float32 -> raw outputs) and says what it loaded
+(``infer``: normalised (B, 3, H, W) float32 -> raw outputs) and says what it loaded
 (``metadata``). Backends are imported lazily: ``import ssod_deploy.detector`` never needs
 onnxruntime's GPU libraries, tensorrt or torch.
 
@@ -53,7 +53,7 @@ class Backend(Protocol):
     max_batch: int | None  # None = any batch size
 
     def infer(self, batch: np.ndarray) -> list[np.ndarray]:
-        """(B, 3, S, S) float32 normalised -> raw outputs (batch first)."""
+        """(B, 3, H, W) float32 normalised -> raw outputs (batch first); H = W = imgsz unless ``rect``."""
         ...
 
 
@@ -61,7 +61,7 @@ class Backend(Protocol):
 
 
 def normalise(canvases: np.ndarray, meta: ModelMetadata) -> np.ndarray:
-    """(B, S, S, 3) uint8 RGB letterboxed canvases -> (B, 3, S, S) float32 as the model expects."""
+    """(B, H, W, 3) uint8 RGB letterboxed canvases -> (B, 3, H, W) float32 as the model expects."""
     x = np.ascontiguousarray(canvases.transpose(0, 3, 1, 2)).astype(np.float32)
     norm = meta.normalize or {}
     scale = float(norm.get("scale", 1 / 255))
@@ -74,19 +74,39 @@ def normalise(canvases: np.ndarray, meta: ModelMetadata) -> np.ndarray:
     return x
 
 
+def letterbox_stride(meta: ModelMetadata) -> int | None:
+    """The stride rectangular letterboxing rounds to, or None for the square (``meta.rect``)."""
+    return int(meta.stride) if meta.rect else None
+
+
+def pad_batch(inputs: Sequence[np.ndarray], fill: np.ndarray | float | int) -> np.ndarray:
+    """Stack (C, H, W) inputs; different rectangles are padded at the bottom/right to the largest
+    H and W with ``fill`` (per channel), which keeps every image's letterbox parameters valid."""
+    shapes = {x.shape for x in inputs}
+    if len(shapes) == 1:
+        return np.stack(inputs)
+    c = inputs[0].shape[0]
+    h = max(x.shape[1] for x in inputs)
+    w = max(x.shape[2] for x in inputs)
+    out = np.empty((len(inputs), c, h, w), inputs[0].dtype)
+    out[:] = np.asarray(fill, out.dtype).reshape(1, -1, 1, 1)
+    for i, x in enumerate(inputs):
+        out[i, :, : x.shape[1], : x.shape[2]] = x
+    return out
+
+
 def preprocess_images(
     images: Sequence[np.ndarray], meta: ModelMetadata
 ) -> tuple[np.ndarray, list[LetterboxParams]]:
-    """Letterbox each (H, W, 3) uint8 RGB image to the model's square, then normalise as one batch."""
+    """Letterbox each (H, W, 3) uint8 RGB image (square, or its own rectangle for ``rect``
+    models, padded to the batch's largest), then normalise as one batch."""
     if not len(images):
         return np.zeros((0, 3, meta.imgsz, meta.imgsz), np.float32), []
     pad = int((meta.letterbox or {}).get("pad_value", 114))
-    canvases = np.empty((len(images), meta.imgsz, meta.imgsz, 3), np.uint8)
-    params: list[LetterboxParams] = []
-    for i, img in enumerate(images):  # one cv2.resize per image: the per-image work is inherent
-        canvases[i], p = letterbox(np.asarray(img), meta.imgsz, pad)
-        params.append(p)
-    return normalise(canvases, meta), params
+    stride = letterbox_stride(meta)
+    canvases, params = zip(*(letterbox(np.asarray(img), meta.imgsz, pad, stride) for img in images))
+    chw = pad_batch([c.transpose(2, 0, 1) for c in canvases], pad)  # uint8, still cheap
+    return normalise(chw.transpose(0, 2, 3, 1), meta), list(params)
 
 
 # ----------------------------------------------------------------------------- post-processing
@@ -202,11 +222,11 @@ class Detector:
 
     # ----------------------------------------------------------------------------- stages
     def preprocess(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, list[LetterboxParams]]:
-        """Letterbox + normalise: (B, 3, S, S) float32 and each image's letterbox parameters."""
+        """Letterbox + normalise: (B, 3, H, W) float32 and each image's letterbox parameters."""
         return preprocess_images(images, self.metadata)
 
     def preprocess_one(self, image: np.ndarray) -> tuple[np.ndarray, LetterboxParams]:
-        """One image -> (3, S, S) float32 (for decode worker pools that batch later)."""
+        """One image -> (3, H, W) float32 (for decode worker pools that batch later with ``infer_each``)."""
         batch, params = preprocess_images([image], self.metadata)
         return batch[0], params[0]
 
@@ -246,9 +266,36 @@ class Detector:
             for (b, s, lab), p, hw in zip(per_image, params, orig_hws)
         ]
 
+    def infer_each(self, inputs: Sequence[np.ndarray]) -> list[tuple[list[int], list[np.ndarray]]]:
+        """Run ``preprocess_one`` outputs, batching the same-shaped ones: (indices, raw outputs)
+        per shape. A rect model sees several shapes; grouping them instead of padding to the
+        largest keeps every image's result independent of its batch-mates (so shards, resumed
+        runs and single calls agree), as ultralytics does by using rect only for same-shape batches."""
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, x in enumerate(inputs):
+            groups.setdefault(tuple(x.shape), []).append(i)
+        return [(idx, self.infer(np.stack([inputs[i] for i in idx]))) for idx in groups.values()]
+
+    def postprocess_each(
+        self,
+        groups: list[tuple[list[int], list[np.ndarray]]],
+        params: Sequence[LetterboxParams],
+        orig_hws: Sequence[tuple[int, int]],
+        conf: float | None = None,
+    ) -> list[Detections]:
+        """``postprocess`` for ``infer_each``'s groups, back in input order."""
+        out: list[Detections | None] = [None] * len(params)
+        for idx, raw in groups:
+            dets = self.postprocess(raw, [params[i] for i in idx], [orig_hws[i] for i in idx], conf)
+            for i, d in zip(idx, dets):
+                out[i] = d
+        if any(d is None for d in out):
+            raise ValueError(f"postprocess_each: groups cover {sum(len(i) for i, _ in groups)} of {len(out)} images")
+        return out  # type: ignore[return-value]
+
     def __call__(self, images: Sequence[np.ndarray], conf: float | None = None) -> list[Detections]:
         if not len(images):
             return []
-        batch, params = self.preprocess(images)
-        raw = self.infer(batch)
-        return self.postprocess(raw, params, [tuple(np.asarray(i).shape[:2]) for i in images], conf)
+        inputs, params = zip(*(self.preprocess_one(im) for im in images))
+        groups = self.infer_each(inputs)
+        return self.postprocess_each(groups, params, [tuple(np.asarray(i).shape[:2]) for i in images], conf)

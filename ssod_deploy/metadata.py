@@ -42,8 +42,11 @@ class ModelMetadata:
     """Everything pre/post-processing needs to use a model exactly as it was trained."""
 
     names: list[str]
-    imgsz: int  # square input side the model was exported for
+    imgsz: int  # longest input side the model was exported for (the square side unless ``rect``)
     stride: int = 32
+    # True: the network takes any H, W that are multiples of ``stride`` (up to imgsz), so each
+    # image is letterboxed to its smallest stride-multiple rectangle; False: the imgsz square.
+    rect: bool = False
     family: str = "yolo"
     # "dense": (B, 4+nc, A) xywh + class scores; "nms": (B, max_det, 6) x1,y1,x2,y2,score,class,
     # padding rows have score 0 and class -1.
@@ -74,6 +77,7 @@ class ModelMetadata:
             raise ValueError(f"model metadata: imgsz must be positive, got {self.imgsz}")
         self.stride, self.batch, self.max_det = int(self.stride), int(self.batch), int(self.max_det)
         self.conf, self.iou = float(self.conf), float(self.iou)
+        self.rect = bool(self.rect)
         for key in ("tau1", "tau2"):
             v = getattr(self, key)
             if v is not None:

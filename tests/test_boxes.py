@@ -11,6 +11,7 @@ from ssod_deploy.boxes import (
     box_iou,
     letterbox,
     letterbox_params,
+    letterbox_shape,
     nms,
     postprocess_dense,
     unletterbox_boxes,
@@ -60,6 +61,23 @@ def test_letterbox_places_image_where_params_say(hw: tuple[int, int], imgsz: int
     assert (x0, y0) == (px, py)
     assert (x1 + 1 - x0, y1 + 1 - y0) == (new_w, new_h)
     assert (out[..., 0] == 114).sum() == imgsz * imgsz - new_w * new_h
+
+
+def test_rect_letterbox_is_the_smallest_stride_rectangle_and_inverts() -> None:
+    # a 640x480 photo at 320: resized to 320x240, padded to 320x256 (8 rows top, 8 bottom)
+    assert letterbox_shape(480, 640, 320, 32) == (256, 320)
+    assert letterbox_shape(640, 480, 320, 32) == (320, 256)
+    assert letterbox_shape(480, 640, 320) == (320, 320)  # no stride: the square
+    assert letterbox_shape(100, 3000, 320, 32) == (32, 320)  # at least one stride
+    img = np.full((480, 640, 3), 200, np.uint8)
+    out, (scale, px, py) = letterbox(img, 320, stride=32)
+    assert out.shape == (256, 320, 3) and (scale, px, py) == (0.5, 0.0, 8.0)
+    assert (out[:8] == 114).all() and (out[8:248] == 200).all() and (out[248:] == 114).all()
+    boxes = np.array([[0, 0, 640, 480], [33, 47, 101, 300]], np.float32)
+    in_net = boxes * scale + np.array([px, py, px, py], np.float32)
+    np.testing.assert_allclose(unletterbox_boxes(in_net, (scale, px, py), (480, 640)), boxes, atol=1e-3)
+    with pytest.raises(ValueError, match="invalid sizes"):
+        letterbox_shape(0, 640, 320, 32)
 
 
 def test_letterbox_unletterbox_roundtrip() -> None:

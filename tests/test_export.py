@@ -115,6 +115,37 @@ def test_onnx_matches_torch_and_batch_is_dynamic(work, fp32_onnx):
     np.testing.assert_allclose(singles, onnx_out, atol=1e-4)
 
 
+def test_rect_export_takes_rectangles_and_matches_torch(work, fp32_onnx):
+    """Default ONNX export: dynamic H, W; mixed-aspect images padded into one batch give the
+    same detections as one at a time, and as the torch teacher."""
+    meta = ModelMetadata.from_onnx(fp32_onnx)
+    assert meta.rect
+    sess = ort.InferenceSession(str(fp32_onnx), providers=["CPUExecutionProvider"])
+    assert sess.get_inputs()[0].shape == ["batch", 3, "height", "width"]
+    rng = np.random.default_rng(3)
+    imgs = [rng.integers(0, 256, hw + (3,), dtype=np.uint8) for hw in [(48, 64), (64, 30), (64, 64)]]
+    det = Detector(fp32_onnx, conf=0.05)
+    singles = [det.preprocess_one(im) for im in imgs]
+    assert [x.shape[1:] for x, _ in singles] == [(64, 64), (64, 32), (64, 64)]  # 48 rounds up to 64, 30 to 32
+    assert singles[0][1][2] == 8.0  # 48 rows centred in 64: 8 px of padding on top
+    groups = det.infer_each([x for x, _ in singles])
+    assert sorted(idx for idx, _ in groups) == [[0, 2], [1]]  # batched per shape, never padded together
+    assert groups[0][1][0].shape[-1] == 84 and groups[1][1][0].shape[-1] == 42  # anchors follow H, W
+    batched = det(imgs)
+    ref = Detector(work / "tiny.pt", conf=0.05)(imgs)
+    for i, im in enumerate(imgs):
+        one = det([im])[0]
+        assert len(batched[i].boxes) == len(one.boxes) == len(ref[i].boxes) > 0
+        np.testing.assert_allclose(batched[i].boxes, one.boxes, atol=1e-3)
+        np.testing.assert_allclose(batched[i].boxes, ref[i].boxes, atol=1e-2)
+    square = export_model(work / "tiny.pt", out=work / "square.onnx", rect=False)
+    assert not ModelMetadata.from_onnx(square).rect
+    sq = ort.InferenceSession(str(square), providers=["CPUExecutionProvider"])
+    assert sq.get_inputs()[0].shape == ["batch", 3, IMGSZ, IMGSZ]
+    with pytest.raises(ValueError, match="rectangular inputs"):
+        export_model(fp32_onnx, format="trt")
+
+
 def test_metadata_round_trips(work, fp32_onnx):
     meta = ModelMetadata.from_onnx(fp32_onnx)
     assert meta.names == NAMES and meta.imgsz == IMGSZ and meta.stride == 32
@@ -142,12 +173,16 @@ def test_metadata_rejects_inconsistent_values():
 
 def test_decode_tail_is_the_head_end_only(fp32_onnx):
     model = onnx.load(str(fp32_onnx))
-    tail = decode_tail_nodes(model, anchors=84)
+    assert [d.dim_param for d in model.graph.input[0].type.tensor_type.shape.dim[2:]] == ["height", "width"]
+    with pytest.raises(ValueError, match="84 anchors"):  # rect export: the anchor axis is symbolic ...
+        decode_tail_nodes(model, anchors=84)
+    pin = (1, 3, IMGSZ, IMGSZ)  # ... until the input shape is pinned
+    tail = decode_tail_nodes(model, anchors=84, input_shape=pin)
     ops = {n.name: n.op_type for n in model.graph.node}
     assert any("dfl" in t for t in tail) and "Softmax" in {ops[t] for t in tail}
     assert all("model.22" in t for t in tail)  # nothing from the backbone or neck
     assert model.graph.node[-1].name in tail
-    wider = decode_tail_nodes(model, anchors=84, with_output_convs=True)
+    wider = decode_tail_nodes(model, anchors=84, with_output_convs=True, input_shape=pin)
     assert set(tail) < set(wider) and sum(ops[n] == "Conv" for n in set(wider) - set(tail)) == 6  # 3 levels x (box, cls)
 
 
@@ -171,13 +206,14 @@ def random_dense(rng, b: int, nc: int, a: int) -> np.ndarray:
     return np.concatenate([xy, wh, scores], 1).astype(np.float32)
 
 
-@pytest.mark.parametrize("anchors,max_det", [(200, 50), (40, 100)])  # A > max_det and A < max_det
+# A > max_det, A < max_det, and a symbolic A (rect exports: the anchor count follows H and W)
+@pytest.mark.parametrize("anchors,max_det", [(200, 50), (40, 100), ("anchors", 50)])
 def test_nms_in_graph_matches_numpy(anchors, max_det):
     nc = 3
     model = append_dense_nms(identity_dense_model(nc, anchors), nc, conf=0.2, iou=0.5, max_det=max_det)
     onnx.checker.check_model(model)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    x = random_dense(np.random.default_rng(0), 4, nc, anchors)
+    x = random_dense(np.random.default_rng(0), 4, nc, 120 if isinstance(anchors, str) else anchors)
     out = sess.run(None, {"dense_in": x})[0]
     assert out.shape == (4, max_det, 6)
     for i, (boxes, scores, labels) in enumerate(postprocess_dense(x, conf=0.2, iou=0.5, max_det=max_det)):
@@ -207,7 +243,7 @@ def test_exported_nms_model_equals_dense_plus_numpy_nms(work, fp32_onnx):
 def test_static_batch_export(work):
     path = export_model(work / "tiny.pt", dynamic=False, batch=2, out=work / "static.onnx")
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    assert sess.get_inputs()[0].shape == [2, 3, IMGSZ, IMGSZ]
+    assert sess.get_inputs()[0].shape == [2, 3, "height", "width"]
     meta = ModelMetadata.from_onnx(path)
     assert not meta.dynamic_batch and meta.batch == 2
     imgs = [np.asarray(Image.open(p).convert("RGB")) for p in sorted((work / "calib").glob("img_*.jpg"))[:3]]
@@ -240,10 +276,10 @@ def test_int8_model_has_qdq_and_runs(work, fp32_onnx):
     model = onnx.load(str(path))
     nq, ndq = count_qdq(model)
     assert nq > 20 and ndq > 20
-    tail = set(decode_tail_nodes(onnx.load(str(fp32_onnx)), anchors=84))
+    tail = set(decode_tail_nodes(onnx.load(str(fp32_onnx)), anchors=84, input_shape=(1, 3, IMGSZ, IMGSZ)))
     q_inputs = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
     for n in model.graph.node:  # the decode tail reads no dequantized tensor except where the head feeds it
-        if n.name in tail and n.op_type not in ("Concat", "Reshape"):
+        if n.name in tail and n.op_type not in ("Concat", "Reshape", "Shape"):  # Shape reads no values
             assert not set(n.input) & q_inputs, n.name
     meta = ModelMetadata.from_onnx(path)
     assert meta.precision == "int8"

@@ -25,6 +25,7 @@ import pytest
 from PIL import Image
 
 from ssod_deploy.boxes import letterbox, postprocess_dense, unletterbox_boxes
+from ssod_deploy.detector import Detector
 from ssod_deploy.label import label_images, merge_outputs
 from ssod_deploy.label import journal as jn
 from ssod_deploy.label.writers import REVIEW_COLUMNS, safe_join
@@ -74,6 +75,10 @@ class FakeDetector:
     def preprocess_one(self, image: np.ndarray):
         canvas, params = letterbox(image, self.metadata.imgsz)
         return np.ascontiguousarray(canvas.transpose(2, 0, 1), dtype=np.float32) / 255.0, params
+
+    # the real grouping code, over this fake's infer/postprocess
+    infer_each = Detector.infer_each
+    postprocess_each = Detector.postprocess_each
 
     def infer(self, batch: np.ndarray) -> list[np.ndarray]:
         self.batch_sizes.append(len(batch))

@@ -253,7 +253,7 @@ def test_export_model_builds_engine_through_fake_tensorrt(tmp_path, monkeypatch)
     assert ModelMetadata.from_sidecar(engine).precision == "int8"
     again = export_model(tmp_path / "tiny_int8.onnx", format="trt", out=tmp_path / "again.plan")
     assert again.read_bytes() == b"PLAN-BYTES" and ModelMetadata.from_sidecar(again).names == ["cat", "dog", "bird"]
-    cpu = export_model(ckpt, int8=True, calib=tmp_path / "calib", out=tmp_path / "cpu.onnx")  # uint8 activations
+    cpu = export_model(ckpt, int8=True, calib=tmp_path / "calib", out=tmp_path / "cpu.onnx", rect=False)  # uint8
     with pytest.raises(ValueError, match="uint8 activations .* TensorRT needs signed"):
         export_model(cpu, format="trt")
 

@@ -77,6 +77,7 @@ def export_model(
     calib_method: str = "entropy",
     workspace_mib: int = DEFAULT_WORKSPACE_MIB,
     int8_target: str = "auto",
+    rect: bool = True,
 ) -> Path:
     """Export a checkpoint's teacher (or student); returns the .onnx or .engine written.
 
@@ -128,6 +129,13 @@ def export_model(
     if dynamic and not info["dynamic_batch"]:
         log.info(f"the {family} family exports a fixed batch of {batch} (--static implied)")
         dynamic = False
+    if rect and not info["rect"]:
+        log.info(f"the {family} family exports a fixed {imgsz or 'training'}-px square input (--square implied)")
+        rect = False
+    if rect and fmt == "trt":
+        # An engine is tuned per input shape: one square shape keeps one profile and the fastest
+        # kernels for it (as ultralytics' engines do); rectangular inputs are the ONNX Runtime path.
+        rect = False
     if nms and info["nms_in_graph"]:
         log.info(f"the {family} family has NMS in its graph already: --nms changes nothing")
     if fmt == "trt" and not info["tensorrt_verified"]:
@@ -142,7 +150,7 @@ def export_model(
     em = dict(ckpt.get("export_metadata") or {})
     meta = ModelMetadata(
         names=list(ckpt["names"]), imgsz=imgsz, stride=stride, family=family,
-        dynamic_batch=dynamic, batch=batch, precision=precision,
+        rect=rect, dynamic_batch=dynamic, batch=batch, precision=precision,
         conf=conf, iou=iou, max_det=max_det, tau1=em.pop("tau1", None), tau2=em.pop("tau2", None),
         method=str(em.pop("method", ckpt.get("method", "supervised"))),
         extra={"weights": which, "epoch": ckpt.get("epoch"), "opset": opset,
@@ -153,7 +161,7 @@ def export_model(
 
     # A family whose network ends in NMS gets the thresholds baked into its export module.
     module = model.export_module(conf=conf, iou=iou, max_det=max_det) if info["nms_in_graph"] else None
-    proto, meta.output_format, out_shape = torch_to_onnx(model, imgsz, batch, dynamic, opset, module=module)
+    proto, meta.output_format, out_shape = torch_to_onnx(model, imgsz, batch, dynamic, opset, module=module, rect=rect)
     proto = simplify(proto)
     if half or int8:
         proto = _reduce_precision(proto, meta, out_shape, half, calib_paths, calib_size, calib_method, dynamic,
@@ -178,7 +186,8 @@ def _reduce_precision(proto: Any, meta: Any, out_shape: tuple[int, ...], half: b
     try:
         # INT8 also keeps the head's output convs (DFL and class logits) in FP32: measured on the demo
         # teacher, -0.3/-0.56 AP points (CPU/TensorRT Q/DQ) instead of -0.5/-0.6; FP16 needs only the decode.
-        keep = decode_tail_nodes(proto, int(out_shape[-1]), with_output_convs=not half)
+        keep = decode_tail_nodes(proto, int(out_shape[-1]), with_output_convs=not half,
+                                 input_shape=(out_shape[0], 3, meta.imgsz, meta.imgsz))
     except ValueError as e:  # a family whose output is not laid out along an anchor axis
         log.warning(f"decode tail not found ({e}); reducing precision everywhere")
         keep = []
@@ -279,6 +288,11 @@ def _engine_from_onnx(onnx_path: Path, out: str | Path | None, batch: int, dynam
     from ssod.export.precision import qdq_activation_type
 
     meta = ModelMetadata.from_onnx(onnx_path)
+    if meta.rect:
+        raise ValueError(
+            f"{onnx_path}: exported for rectangular inputs (dynamic height/width); TensorRT engines are built "
+            "for one square size: export the checkpoint with --format trt, or with --square for an ONNX to build from"
+        )
     if qdq_activation_type(onnx.load(str(onnx_path))) == "u8":
         raise ValueError(
             f"{onnx_path}: INT8 with uint8 activations (made for ONNX Runtime on CPU); TensorRT needs signed "

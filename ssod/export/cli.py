@@ -12,7 +12,8 @@ TRT_PENDING_EXIT = 3  # the ONNX was written; the engine must be built on the ta
 def export_command(
     weights: str = typer.Argument(..., help="An ssod checkpoint (last.pt / best.pt), or an exported .onnx to build a TensorRT engine from."),
     format: str = typer.Option("onnx", "--format", "-f", help="onnx | trt (TensorRT engine, built from the ONNX; needs TensorRT 10/11 and a GPU)."),  # noqa: A002
-    imgsz: Optional[int] = typer.Option(None, help="Square input size in pixels (default: the training size); a multiple of the model stride."),
+    imgsz: Optional[int] = typer.Option(None, help="Input size in pixels: the long side (or the square side with --square); default: the training size; a multiple of the model stride."),
+    rect: bool = typer.Option(True, "--rect/--square", help="Rectangular inputs (default for ONNX: each batch letterboxed to its images' aspect, as ultralytics predict does, fewer pixels to run) or a fixed square input (always for TensorRT engines and Faster R-CNN)."),
     batch: int = typer.Option(1, help="Batch size: the fixed batch with --static; with a dynamic batch, the TensorRT profile's optimum (profile 1..max(batch, 16))."),
     dynamic: bool = typer.Option(True, "--dynamic/--static", help="Dynamic batch axis (default) or a fixed batch of --batch images."),
     half: bool = typer.Option(False, "--half", help="Mixed-precision FP16 ONNX (FP32 inputs/outputs, box decode kept FP32)."),
@@ -38,7 +39,7 @@ def export_command(
         path = export_model(
             weights, format=format, imgsz=imgsz, batch=batch, dynamic=dynamic, half=half, int8=int8,
             calib=calib, calib_size=calib_size, nms=nms, conf=conf, iou=iou, max_det=max_det, opset=opset,
-            which=which, out=out, calib_method=calib_method, workspace_mib=workspace, int8_target=int8_target,
+            which=which, out=out, calib_method=calib_method, workspace_mib=workspace, int8_target=int8_target, rect=rect,
         )
     except TensorRTUnavailable as e:
         typer.secho(f"error: {e}", fg="red", err=True)

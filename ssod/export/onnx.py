@@ -33,10 +33,10 @@ MIN_OPSET = 13  # ScatterND/GatherND/Squeeze-with-axes-input as used below
 
 
 # What a family's graph allows, for families that do not say (``Detector.export_info()`` overrides):
-# output layout, whether the batch axis can be dynamic, whether NMS is part of the network itself,
+# output layout, whether the batch axis (and height/width: ``rect``) can be dynamic, whether NMS is part of the network itself,
 # which precisions the exporter may produce, and whether a TensorRT build was ever verified.
 DEFAULT_EXPORT_INFO: dict[str, Any] = {
-    "output_format": "dense", "dynamic_batch": True, "nms_in_graph": False,
+    "output_format": "dense", "dynamic_batch": True, "rect": True, "nms_in_graph": False,
     "precisions": ("fp32", "fp16", "int8"), "tensorrt_verified": True,
 }
 
@@ -48,13 +48,15 @@ def export_info(model: Any) -> dict[str, Any]:
 
 
 def torch_to_onnx(
-    model: Any, imgsz: int, batch: int = 1, dynamic: bool = True, opset: int = 17, module: Any = None
+    model: Any, imgsz: int, batch: int = 1, dynamic: bool = True, opset: int = 17, module: Any = None,
+    rect: bool = False,
 ) -> tuple[onnx.ModelProto, str, tuple[int, ...]]:
     """Trace ``module`` (default ``model.export_module()``) -> (ONNX model, output format, first
-    output's shape at ``batch``).
+    output's shape at ``batch`` and the imgsz square).
 
     The module may declare ``output_format`` (default ``"dense"``) and ``output_names`` (default
-    ``["output0"]``) so a family with several outputs exports without changes here.
+    ``["output0"]``) so a family with several outputs exports without changes here. ``rect``
+    makes the input's height and width dynamic too (a dense output's anchor axis follows them).
     """
     import torch
 
@@ -72,18 +74,22 @@ def torch_to_onnx(
     outs = list(out) if isinstance(out, (list, tuple)) else [out]
     if len(outs) != len(names):
         raise ValueError(f"export module returns {len(outs)} outputs but names {len(names)}: {names}")
-    axes = {n: {0: "batch"} for n in [INPUT_NAME, *names]} if dynamic else None
+    axes: dict[str, dict[int, str]] = {n: {0: "batch"} if dynamic else {} for n in [INPUT_NAME, *names]}
+    if rect:
+        axes[INPUT_NAME].update({2: "height", 3: "width"})
+        if fmt == "dense":
+            axes[names[0]][2] = "anchors"
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about Python-side shape arithmetic
         torch.onnx.export(
             module, (x,), buf, dynamo=False, opset_version=opset, do_constant_folding=True,
-            input_names=[INPUT_NAME], output_names=names, dynamic_axes=axes,
+            input_names=[INPUT_NAME], output_names=names, dynamic_axes={k: v for k, v in axes.items() if v} or None,
         )
     proto = onnx.load_from_string(buf.getvalue())
-    if fmt == "dense":  # (B, 4 + nc, A) is static past the batch: in-graph NMS and INT8 need A
+    if fmt == "dense":  # (B, 4 + nc, A): only the batch and (rect) the anchor axis are symbolic
         for name, t in zip(names, outs):
-            _set_output_shape(proto, name, ["batch" if dynamic else t.shape[0], *t.shape[1:]])
+            _set_output_shape(proto, name, [axes[name].get(i, d) for i, d in enumerate(t.shape)])
     return proto, fmt, tuple(outs[0].shape)
 
 
@@ -140,8 +146,9 @@ def append_dense_nms(
         raise ValueError(f"model has no output '{OUTPUT_NAME}'")
     dims = out.type.tensor_type.shape.dim
     anchors = dims[2].dim_value if len(dims) == 3 else 0
-    if anchors <= 0 or dims[1].dim_value != 4 + num_classes:
-        raise ValueError(f"'{OUTPUT_NAME}' must be (B, {4 + num_classes}, A) with static A to append NMS")
+    symbolic_anchors = len(dims) == 3 and bool(dims[2].dim_param)  # rect export: A follows H, W
+    if (anchors <= 0 and not symbolic_anchors) or dims[1].dim_value != 4 + num_classes:
+        raise ValueError(f"'{OUTPUT_NAME}' must be (B, {4 + num_classes}, A) to append NMS")
     if max_det < 1:
         raise ValueError(f"max_det must be >= 1, got {max_det}")
     if not 0.0 <= iou <= 1.0:
@@ -185,7 +192,12 @@ def append_dense_nms(
     (sel_scores,) = node("GatherND", [best2, ba], "sel_scores")  # (N,)
     (shape,) = node("Shape", [OUTPUT_NAME], "shape")
     (bdim,) = node("Slice", [shape, p + "s0", const("s1", [1]), const("ax0", [0])], "bdim")  # [B]
-    (wide,) = node("Concat", [bdim, const("wide_cols", [anchors + k])], "wide_shape", axis=0)
+    if anchors > 0:
+        wide_cols = const("wide_cols", [anchors + k])
+    else:
+        (adim,) = node("Slice", [shape, p + "ax2", const("s3", [3]), p + "ax0"], "adim")  # [A]
+        (wide_cols,) = node("Add", [adim, const("kk", [k])], "wide_cols")
+    (wide,) = node("Concat", [bdim, wide_cols], "wide_shape", axis=0)
     (zeros,) = node("ConstantOfShape", [wide], "zeros", value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.0]))
     (dense,) = node("ScatterND", [zeros, ba, sel_scores], "dense")  # (B, A + K) selected scores
     topv, topi = node("TopK", [dense, const("k", [k])], "topk", n_out=2, axis=1, largest=1, sorted=1)

@@ -14,6 +14,7 @@ the anchor axis — so it needs no knowledge of the family's node names. They st
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 import warnings
@@ -28,20 +29,31 @@ log = logging.getLogger("ssod")
 _SHAPE_ONLY = {"Reshape", "Concat", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity"}
 
 
-def _static_shapes(model: onnx.ModelProto) -> dict[str, list[int | str]]:
-    inferred = onnx.shape_inference.infer_shapes(model)
+def _static_shapes(model: onnx.ModelProto, input_shape: tuple[int, ...] | None = None) -> dict[str, list[int | str]]:
+    """Every tensor's shape; ``input_shape`` pins a dynamic input (rect exports: symbolic H, W,
+    hence a symbolic anchor axis) so that shapes computed from it become numbers again."""
+    if input_shape is not None:
+        model = copy.deepcopy(model)
+        del model.graph.value_info[:]  # the tracer's symbolic shapes would win over the pinned ones
+        dims = model.graph.input[0].type.tensor_type.shape.dim
+        for d, v in zip(dims, input_shape):
+            d.Clear()
+            d.dim_value = int(v)
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=input_shape is not None)
     vis = list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input)
     return {v.name: [d.dim_value if d.HasField("dim_value") else d.dim_param for d in v.type.tensor_type.shape.dim]
             for v in vis}
 
 
-def decode_tail_nodes(model: onnx.ModelProto, anchors: int, with_output_convs: bool = False) -> list[str]:
-    """Names of the nodes from the merge along the anchor axis (last dim == ``anchors``) to the output.
+def decode_tail_nodes(model: onnx.ModelProto, anchors: int, with_output_convs: bool = False,
+                      input_shape: tuple[int, ...] | None = None) -> list[str]:
+    """Names of the nodes from the merge along the anchor axis (last dim == ``anchors`` at
+    ``input_shape``, which a graph with a dynamic H, W needs) to the output.
 
     ``with_output_convs`` adds the convolutions that produce the per-level raw outputs (reached
     from the tail through shape-only ops), e.g. the DFL-logit and class-logit 1x1 convs.
     """
-    shapes = _static_shapes(model)
+    shapes = _static_shapes(model, input_shape)
     consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
     producer: dict[str, onnx.NodeProto] = {}
     for n in model.graph.node:
@@ -81,7 +93,29 @@ def decode_tail_nodes(model: onnx.ModelProto, anchors: int, with_output_convs: b
             elif n.op_type in _SHAPE_ONLY and n.name not in tail:
                 names.add(n.name)
                 stack.extend(n.input)
+    names |= shape_derived_nodes(model)
     return [n.name for n in model.graph.node if n.name in names]
+
+
+def shape_derived_nodes(model: onnx.ModelProto) -> set[str]:
+    """Nodes whose values come only from tensor shapes and constants, never from pixel values.
+
+    With a dynamic H, W the grid of anchor points and strides is built in-graph from ``Shape``
+    (Shape -> Gather -> Range -> Add 0.5 ...). Those are pixel coordinates, cheap to compute, and
+    the FP16 converter cannot type a Range-fed chain on a symbolic shape; they stay FP32.
+    """
+    constant = {t.name for t in model.graph.initializer}
+    derived: set[str] = set()
+    names: set[str] = set()
+    for n in model.graph.node:  # ONNX nodes are topologically sorted
+        ins = [i for i in n.input if i]
+        if n.op_type == "Constant":
+            constant.update(n.output)
+        elif n.op_type == "Shape" or (ins and all(i in constant or i in derived for i in ins)
+                                      and any(i in derived for i in ins)):
+            derived.update(n.output)
+            names.add(n.name)
+    return names
 
 
 # ----------------------------------------------------------------------------------- FP16

@@ -28,6 +28,7 @@ class TorchCheckpointBackend:
     ):
         try:
             import torch
+            from ssod.export.onnx import export_info
             from ssod.training.engine.checkpoint import load_detector
         except ImportError as e:
             raise ImportError(
@@ -53,6 +54,7 @@ class TorchCheckpointBackend:
             family=getattr(model, "family", "yolo"),
             output_format=str(getattr(self.module, "output_format", "dense")),
             dynamic_batch=True,
+            rect=bool(export_info(model)["rect"]),  # as its default export, so .pt and .onnx agree
             conf=0.25,  # the exporter's default, so a .pt and its .onnx behave alike
             iou=float(cfg.get("val_iou", 0.7)),
             max_det=int(cfg.get("max_det", 300)),

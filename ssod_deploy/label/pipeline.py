@@ -191,7 +191,7 @@ def default_out(source: str | os.PathLike) -> Path:
 @dataclass
 class _Loaded:
     i: int
-    x: np.ndarray  # (3, S, S) float32
+    x: np.ndarray  # (3, H, W) float32
     params: Any
     arr_hw: tuple[int, int]
     orig_hw: tuple[int, int]
@@ -209,7 +209,7 @@ class _Batch:
     """One inferred chunk on its way to post-processing and the journal."""
 
     results: list  # _Loaded | _Skipped, in image-index order
-    raw: list[np.ndarray] | None  # network outputs for the _Loaded ones, in the same order
+    raw: list | None  # Detector.infer_each groups for the _Loaded ones (indices into them)
 
 
 class _OutputThread(threading.Thread):
@@ -254,7 +254,7 @@ class _OutputThread(threading.Thread):
         loaded = [r for r in item.results if isinstance(r, _Loaded)]
         per_image: dict[int, tuple] = {}
         if loaded:
-            dets = self.det.postprocess(item.raw, [r.params for r in loaded], [r.arr_hw for r in loaded],
+            dets = self.det.postprocess_each(item.raw, [r.params for r in loaded], [r.arr_hw for r in loaded],
                                         conf=self.conf_floor)
             for r, d in zip(loaded, dets):
                 per_image[r.i] = _to_original(self.tau1, self.tau2, r, d)
@@ -424,10 +424,12 @@ def _run_chunks(
                 loaded = [r for r in results if isinstance(r, _Loaded)]
                 raw = None
                 if loaded:
-                    x = np.stack([r.x for r in loaded])
+                    inputs = [r.x for r in loaded]
                     for r in loaded:
                         r.x = None  # the batch holds the pixels now; drop the per-image copies
-                    raw = det.infer(x)  # Detector.infer splits/pads for fixed-batch models
+                    # batched per input shape (rect models); Detector.infer splits/pads fixed-batch models
+                    raw = det.infer_each(inputs)
+                    del inputs
                 output.put(_Batch(results, raw))
         except BaseException:
             for futs in pending:

@@ -383,7 +383,7 @@ class FasterRCNNDetector(Detector):
         pins the batch to the traced size; RoIAlign and the data-dependent NMS/TopK are exported
         in FP32 only.
         """
-        return {"output_format": "nms", "dynamic_batch": False, "nms_in_graph": True, "precisions": ("fp32",),
+        return {"output_format": "nms", "dynamic_batch": False, "rect": False, "nms_in_graph": True, "precisions": ("fp32",),
                 "tensorrt_verified": False}
 
     def export_module(self, nms: bool = True, conf: float = 0.25, iou: float = 0.7, max_det: int = 300) -> nn.Module:
