@@ -269,3 +269,18 @@ def test_trainer_runs(tiny_cfg, method: str) -> None:
     if method == "mean_teacher":
         assert float(row["train/unsup"]) > 0
         assert float(row["train/pl_boxes_per_img"]) > 0
+
+
+def test_gather_level_merge_equals_torchvision_scatter_merge() -> None:
+    """The export's RoIAlign level merge (row Gather) gives torchvision's scatter result exactly."""
+    from torchvision.ops.poolers import _onnx_merge_levels
+
+    from ssod.training.models.frcnn import _merge_levels_by_gather
+
+    g = torch.Generator().manual_seed(0)
+    levels = torch.randint(0, 4, (37,), generator=g)
+    levels[:4] = torch.tensor([3, 0, 3, 1])  # interleaved levels: a plain concat would be wrong
+    unmerged = [torch.randn(int((levels == k).sum()), 5, 2, 2, generator=g) for k in range(4)]
+    expected = _onnx_merge_levels(levels, unmerged)
+    assert torch.equal(_merge_levels_by_gather(levels, unmerged), expected)
+    assert not torch.equal(torch.cat(unmerged), expected)

@@ -23,11 +23,12 @@ and weights only come from a local file (``load_weights``).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import zipfile
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -460,6 +461,10 @@ class _FasterRCNNExport(nn.Module):
         self.register_buffer("pad_row", torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, -1.0]]), persistent=False)
 
     def forward(self, img: Tensor) -> Tensor:
+        with _gather_merge_levels():
+            return self._forward(img)
+
+    def _forward(self, img: Tensor) -> Tensor:
         # One image at a time: the single-image path has no sort/bincount (ONNX has no stable sort);
         # traced, the loop is unrolled for the traced batch, as torchvision's per-image RPN loop is.
         out = []
@@ -469,6 +474,37 @@ class _FasterRCNNExport(nn.Module):
             pad = self.pad_row.to(rows.dtype).expand(self.max_det, 6)
             out.append(torch.cat((rows, pad))[: self.max_det])
         return torch.stack(out)
+
+
+def _merge_levels_by_gather(levels: Tensor, unmerged: list[Tensor]) -> Tensor:
+    """torchvision's traced multi-level RoIAlign merge, as one row Gather.
+
+    torchvision merges the per-level pooled features with an element-wise ``scatter`` (an
+    index tensor expanded to (R, C, 7, 7)): ONNX Runtime's CPU ScatterElements spent 38% of the
+    whole Faster R-CNN graph's time on it (measured, 1 thread, 320 px). The per-level results
+    are concatenated in level order, each level's rows in ascending RoI index (``where``), i.e.
+    in the order of a stable sort of ``levels``; the inverse of that permutation puts every row
+    back at its RoI's index. Same values, bit for bit.
+    """
+    n = levels.shape[0]
+    # float keys: exact below 2**24 RoIs, and TopK (what argsort exports to) takes floats everywhere
+    key = levels.to(torch.float32) * n + torch.arange(n, device=levels.device, dtype=torch.float32)
+    order = torch.argsort(key)
+    return torch.cat(unmerged, 0)[torch.argsort(order)]
+
+
+@contextlib.contextmanager
+def _gather_merge_levels() -> Iterator[None]:
+    """Trace with ``_merge_levels_by_gather`` in place of torchvision's scatter merge (only the
+    traced path calls it; eager inference is unaffected)."""
+    from torchvision.ops import poolers
+
+    original = poolers._onnx_merge_levels
+    poolers._onnx_merge_levels = _merge_levels_by_gather
+    try:
+        yield
+    finally:
+        poolers._onnx_merge_levels = original
 
 
 register_family("frcnn", FasterRCNNDetector, prefixes=("fasterrcnn",))
