@@ -274,7 +274,19 @@ class Detector:
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, x in enumerate(inputs):
             groups.setdefault(tuple(x.shape), []).append(i)
-        return [(idx, self.infer(np.stack([inputs[i] for i in idx]))) for idx in groups.values()]
+        return [(idx, self.infer(np.stack([inputs[i] for i in idx], out=self._batch_buffer(len(idx), shape))))
+                for shape, idx in groups.items()]
+
+    def _batch_buffer(self, n: int, shape: tuple[int, ...]) -> np.ndarray:
+        """A float32 (n, *shape) array reused from call to call (the backend has finished with it
+        when ``infer`` returns): a fresh multi-MB array per batch costs page faults every time."""
+        key = (n, *shape)
+        buffers = self.__dict__.setdefault("_buffers", {})
+        if key not in buffers:
+            if len(buffers) >= 8:  # a rect model on mixed aspect ratios: keep the recent shapes only
+                buffers.pop(next(iter(buffers)))
+            buffers[key] = np.empty(key, np.float32)
+        return buffers[key]
 
     def postprocess_each(
         self,

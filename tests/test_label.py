@@ -78,6 +78,7 @@ class FakeDetector:
 
     # the real grouping code, over this fake's infer/postprocess
     infer_each = Detector.infer_each
+    _batch_buffer = Detector._batch_buffer
     postprocess_each = Detector.postprocess_each
 
     def infer(self, batch: np.ndarray) -> list[np.ndarray]:
