@@ -583,3 +583,22 @@ def test_cli_commands(folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPa
     res = runner.invoke(app, ["label", str(folder), "-m", "fake.onnx", "-o", str(single), "--batch", "3"])
     assert res.exit_code == 0, res.output
     assert snapshot(tmp_path / "m") == snapshot(single)
+
+
+def test_same_stem_images_keep_the_first_yolo_file_and_report_the_rest(tmp_path: Path) -> None:
+    """a.jpg and a.png both map to labels/a.txt: the first in sorted order owns it, the other is
+    reported (never overwritten, whatever order the writer threads finish in)."""
+    rng = np.random.default_rng(5)
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ["a.jpg", "a.png", "b.jpg", "c.png"]:
+        Image.fromarray(quadrant_image(rng)).save(src / name, quality=95)
+    summary = run(src, tmp_path / "out")
+    assert summary["yolo_name_collisions"] == [
+        {"file": "a.png", "reason": "label file a.txt already written for another image with the same stem"}]
+    coco = json.loads((tmp_path / "out" / "coco.json").read_text())
+    first = next(im for im in coco["images"] if im["file_name"] == "a.jpg")
+    n_lab = sum(1 for a in coco["annotations"] if a["image_id"] == first["id"] and not a["uncertain"])
+    rows = (tmp_path / "out" / "labels" / "a.txt").read_text().splitlines()
+    assert len(rows) == n_lab
+    assert sorted(p.name for p in (tmp_path / "out" / "labels").iterdir()) == ["a.txt", "b.txt", "c.txt"]

@@ -24,7 +24,8 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
-from contextlib import contextmanager
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -199,7 +200,9 @@ def build_outputs(
     review = _ReviewRows()
     formats = tuple(formats)
 
-    with _Outputs(out, formats) as outs:
+    with _Outputs(out, formats) as outs, (
+        _YoloFiles(outs.labels_tmp, save_conf) if outs.labels_tmp is not None else nullcontext()
+    ) as yolo:
         image_id = 0
         ann_id = 0
         for rec in index.iter_records():
@@ -229,12 +232,13 @@ def build_outputs(
             if outs.ls is not None:
                 outs.ls.write(("" if image_id == 1 else ",\n") + _dumps(
                     _labelstudio_task(rel, h, w, boxes, scores, labels, unc, names, model_version, ls_url_prefix)))
-            if outs.labels_tmp is not None:
-                collision = _write_yolo(outs.labels_tmp, rel, h, w, boxes[is_lab], scores[is_lab],
-                                        labels[is_lab], save_conf)
+            if yolo is not None:
+                collision = yolo.add(rel, h, w, boxes[is_lab], scores[is_lab], labels[is_lab])
                 if collision:
                     stats.yolo_collisions.append((rel, collision))
 
+        if yolo is not None:
+            stats.yolo_collisions += yolo.close()
         categories = [{"id": i, "name": n} for i, n in enumerate(names)]
         outs.finish(categories, names)
     stats.outputs = list(outs.written)
@@ -385,10 +389,10 @@ def _labelstudio_task(rel: str, h: int, w: int, boxes: np.ndarray, scores: np.nd
     }
 
 
-def _write_yolo(root: Path, rel: str, h: int, w: int, boxes: np.ndarray, scores: np.ndarray,
-                labels: np.ndarray, save_conf: bool) -> str | None:
-    """Write ``labels/<rel>.txt``; returns a reason instead when another image took that name."""
-    target = safe_join(root, rel, ".txt")
+def _yolo_text(h: int, w: int, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, save_conf: bool) -> str:
+    """One image's YOLO label file: ``class cx cy w h [conf]`` per box, normalised to the image."""
+    if not len(boxes):
+        return ""
     cxcy = (boxes[:, :2] + boxes[:, 2:]) / 2 / (w, h)
     bwh = (boxes[:, 2:] - boxes[:, :2]) / (w, h)
     cols = [labels[:, None].astype(np.float64), np.clip(cxcy, 0, 1), np.clip(bwh, 0, 1)]
@@ -397,14 +401,60 @@ def _write_yolo(root: Path, rel: str, h: int, w: int, boxes: np.ndarray, scores:
         cols.append(scores[:, None])
         fmt.append("%.5f")
     buf = io.StringIO()
-    if len(boxes):
-        np.savetxt(buf, np.concatenate(cols, 1), fmt=" ".join(fmt))
+    np.savetxt(buf, np.concatenate(cols, 1), fmt=" ".join(fmt))
+    return buf.getvalue()
+
+
+def _create_exclusive(target: Path, text: str) -> bool:
+    """Write a new file; False when it exists already ('x': never overwrite a sibling's labels)."""
     try:
-        with open(target, "x", encoding="utf-8", newline="\n") as f:  # 'x': never overwrite a sibling
-            f.write(buf.getvalue())
+        with open(target, "x", encoding="utf-8", newline="\n") as f:
+            f.write(text)
     except FileExistsError:
-        return f"label file {target.relative_to(root)} already written for another image with the same stem"
-    return None
+        return False
+    return True
+
+
+class _YoloFiles:
+    """The per-image YOLO label files, created by a small thread pool.
+
+    One file per image means one file creation per image: cheap on a local disk, milliseconds
+    each on network file systems (where 50,000 images would take minutes serially). Which of two
+    same-stem images owns a name is decided here, in the caller's order, so outputs stay
+    deterministic; the pool only creates files.
+    """
+
+    def __init__(self, root: Path, save_conf: bool, threads: int = 8):
+        self.root, self.save_conf = root, save_conf
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ssod-yolo")
+        self.taken: set[Path] = set()
+        self.pending: list[tuple[str, Path, Future]] = []
+
+    def _clash(self, target: Path) -> str:
+        return f"label file {target.relative_to(self.root)} already written for another image with the same stem"
+
+    def add(self, rel: str, h: int, w: int, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> str | None:
+        """Queue ``labels/<rel>.txt``; returns a reason instead when another image took that name."""
+        target = safe_join(self.root, rel, ".txt")
+        if target in self.taken:
+            return self._clash(target)
+        self.taken.add(target)
+        text = _yolo_text(h, w, boxes, scores, labels, self.save_conf)
+        self.pending.append((rel, target, self.pool.submit(_create_exclusive, target, text)))
+        return None
+
+    def __enter__(self) -> _YoloFiles:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.pool.shutdown(wait=True)  # also on errors: no file is still being written afterwards
+
+    def close(self) -> list[tuple[str, str]]:
+        """Wait for every file; (rel, reason) for names a case-insensitive file system merged."""
+        self.pool.shutdown(wait=True)
+        clashes = [(rel, self._clash(t)) for rel, t, f in self.pending if not f.result()]  # .result() re-raises I/O errors
+        self.pending.clear()
+        return clashes
 
 
 def _write_review(index: JournalIndex, rows: np.ndarray, path: Path) -> None:
