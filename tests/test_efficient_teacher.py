@@ -284,6 +284,54 @@ def _batches(b: int = 2):
     return labeled, unlabeled
 
 
+def test_min_norm_floors_the_normaliser_and_scales_every_term(student):
+    """``unsup_norm: labeled``: one sparse uncertain box gives a tiny target mass; flooring the
+    normaliser divides every term by the floor instead (same targets, same assignment)."""
+    raw = [r.detach() for r in student.forward_raw(torch.rand(1, 3, S, S))]
+    pla = PseudoLabelAssigner(student.criterion())
+    t = _targets([[8, 8, 40, 40]], [1], [0.3], [False], [True])
+    plain = pla(raw, t)
+    mass = float(plain["cls_target"].sum())  # (assigned positions) x 0.3
+    assert float(plain["norm"]) == pytest.approx(max(mass, 1.0)) and mass < 20
+    floored = pla(raw, t, min_norm=20.0)
+    assert float(floored["norm"]) == 20.0
+    for k in ("cls", "box", "dfl"):
+        assert float(floored[k]) == pytest.approx(float(plain[k]) * float(plain["norm"]) / 20.0, rel=1e-5)
+    assert torch.equal(floored["cls_target"], plain["cls_target"])
+    assert float(pla(raw, t, min_norm=0.5)["norm"]) == float(plain["norm"])  # a floor below the mass changes nothing
+
+
+def test_efficient_teacher_labeled_norm_passes_the_labeled_mass_as_floor(student, monkeypatch):
+    """``unsup_norm: labeled`` floors the unlabeled call's normaliser at the labeled call's target
+    mass per image (x B_u / B_l); ``pseudo`` passes no floor."""
+    student = copy.deepcopy(student).train()
+    teacher = _confident_teacher(student)
+    labeled, unlabeled = _batches()
+    calls: list[tuple[float | None, float]] = []
+    original = PseudoLabelAssigner.__call__
+
+    def spy(self, raw, targets, ignore=None, min_norm=None):
+        out = original(self, raw, targets, ignore, min_norm)
+        calls.append((min_norm, float(out["norm"])))
+        return out
+
+    monkeypatch.setattr(PseudoLabelAssigner, "__call__", spy)
+    for norm in ("pseudo", "labeled"):
+        calls.clear()
+        m = build_method("efficient_teacher", {"burn_in_epochs": 1, "unsup_norm": norm, "domain_adaptation": False})
+        m.burn_in = False
+        m.extra_modules(student)
+        m.losses(labeled, unlabeled, student, teacher)
+        (sup_floor, sup_norm), (uns_floor, uns_norm) = calls  # labeled call first, then the unlabeled one
+        assert sup_floor is None
+        if norm == "pseudo":
+            assert uns_floor is None
+        else:
+            assert uns_floor == pytest.approx(sup_norm * 2 / 2) and uns_norm >= uns_floor
+    with pytest.raises(ValueError, match="unsup_norm"):
+        build_method("efficient_teacher", {"unsup_norm": "mean"})
+
+
 def test_efficient_teacher_losses_end_to_end(student):
     student = copy.deepcopy(student).train()
     teacher = _confident_teacher(student)

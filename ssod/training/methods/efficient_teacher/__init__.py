@@ -85,6 +85,8 @@ class EfficientTeacher(Method):
     def __init__(self, cfg: dict[str, Any]):
         super().__init__(cfg)
         self.cfg = c = method_config(self.name, self.DEFAULTS, dict(cfg))
+        if c["unsup_norm"] not in ("pseudo", "labeled"):
+            raise ValueError(f"method 'efficient_teacher': unsup_norm must be pseudo or labeled, not {c['unsup_norm']!r}")
         if not 0.0 <= c["tau1"] <= c["tau2"] <= 1.0:
             raise ValueError(f"method 'efficient_teacher': need 0 <= tau1 <= tau2 <= 1, got {c['tau1']}, {c['tau2']}")
         self.names: list[str] | None = None
@@ -249,7 +251,10 @@ class EfficientTeacher(Method):
         sup = PseudoLabelAssigner(crit)([r[:bl] for r in raw], labeled_targets(labeled))
         pla = PseudoLabelAssigner(crit, c["unsup_cls_weight"], c["unsup_box_weight"], c["unsup_dfl_weight"])
         ignore = weak_to_strong(low, unlabeled, c["min_box_size"], c["min_visible"]) if low is not None else None
-        uns = pla([r[bl:] for r in raw], strong, ignore)
+        # "labeled": the unlabeled half is normalised by at least the labeled half's target mass
+        # (per image), so scarce pseudo labels do not scale up every background position's loss
+        norm = float(sup["norm"]) * bu / bl if c["unsup_norm"] == "labeled" else None
+        uns = pla([r[bl:] for r in raw], strong, ignore, min_norm=norm)
         if ignore is not None:
             self.meter.add_count("pl_ignore_regions", len(ignore["scores"]))
         out = {

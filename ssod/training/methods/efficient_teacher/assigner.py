@@ -170,7 +170,8 @@ class PseudoLabelAssigner:
         self.weights = {"cls": float(cls_weight), "box": float(box_weight), "dfl": float(dfl_weight)}
 
     def __call__(
-        self, raw: list[torch.Tensor], targets: PseudoLabels, ignore: PseudoLabels | None = None
+        self, raw: list[torch.Tensor], targets: PseudoLabels, ignore: PseudoLabels | None = None,
+        min_norm: float | None = None,
     ) -> dict[str, torch.Tensor]:
         """Losses on ``raw`` (per-level (B, 4R + nc, H, W) maps) for ``targets`` in the same view.
 
@@ -179,8 +180,10 @@ class PseudoLabelAssigner:
         assigned to a target get no classification loss instead of the background target (the
         ``ignore_low_score`` option: teacher boxes below tau1 are weak evidence of an object, not
         of background). Returns gain- and weight-scaled per-image-normalised ``cls``, ``box``,
-        ``dfl`` (multiply by the batch size for ultralytics' scale, as ``Detector.loss`` does) and
-        detached counts ``pos_reliable``, ``pos_uncertain``, ``pos_box``, ``ignored``.
+        ``dfl`` (multiply by the batch size for ultralytics' scale, as ``Detector.loss`` does),
+        the normaliser ``norm`` (ultralytics': the summed target scores, at least 1) and detached
+        counts ``pos_reliable``, ``pos_uncertain``, ``pos_box``, ``ignored``. ``min_norm`` raises
+        the normaliser to at least that value (see ``unsup_norm`` in efficient_teacher.yaml).
         """
         crit = self.crit
         reg_max, nc = int(crit.reg_max), int(crit.nc)
@@ -227,7 +230,7 @@ class PseudoLabelAssigner:
         box_pos = gt_box.gather(1, target_gt_idx) & fg_mask
         soft = F.one_hot(target_labels.long().clamp(0, nc - 1), nc).to(dtype) * gt_score.gather(1, target_gt_idx)[..., None]
         cls_t = torch.where(rel[..., None], target_scores.to(dtype), soft) * fg_mask[..., None].to(dtype)
-        tss = cls_t.sum().clamp(min=1)
+        tss = cls_t.sum().clamp(min=max(1.0, float(min_norm or 0.0)))
 
         bce = F.binary_cross_entropy_with_logits(pred_scores, cls_t, reduction="none")
         class_weights = getattr(crit, "class_weights", None)
@@ -247,6 +250,7 @@ class PseudoLabelAssigner:
             "cls": loss_cls * float(hyp.cls) * self.weights["cls"],
             "box": loss_box * float(hyp.box) * self.weights["box"],
             "dfl": loss_dfl * float(hyp.dfl) * self.weights["dfl"],
+            "norm": tss.detach(),
             "pos_reliable": rel.sum().detach(),
             "pos_uncertain": (fg_mask & ~rel).sum().detach(),
             "pos_box": box_pos.sum().detach(),
