@@ -13,7 +13,7 @@ def export_command(
     weights: str = typer.Argument(..., help="An ssod checkpoint (last.pt / best.pt), or an exported .onnx to build a TensorRT engine from."),
     format: str = typer.Option("onnx", "--format", "-f", help="onnx | trt (TensorRT engine, built from the ONNX; needs TensorRT 10/11 and a GPU)."),  # noqa: A002
     imgsz: Optional[int] = typer.Option(None, help="Input size in pixels: the long side (or the square side with --square); default: the training size; a multiple of the model stride."),
-    rect: bool = typer.Option(True, "--rect/--square", help="Rectangular inputs (default for ONNX: each batch letterboxed to its images' aspect, as ultralytics predict does, fewer pixels to run) or a fixed square input (always for TensorRT engines and Faster R-CNN)."),
+    rect: bool = typer.Option(True, "--rect/--square", help="Rectangular inputs (default for ONNX: each image letterboxed to its smallest stride-multiple rectangle, same-shaped images batched together, as ultralytics predict does: fewer pixels to run) or a fixed square input (always for TensorRT engines and Faster R-CNN)."),
     batch: int = typer.Option(1, help="Batch size: the fixed batch with --static; with a dynamic batch, the TensorRT profile's optimum (profile 1..max(batch, 16))."),
     dynamic: bool = typer.Option(True, "--dynamic/--static", help="Dynamic batch axis (default) or a fixed batch of --batch images."),
     half: bool = typer.Option(False, "--half", help="Mixed-precision FP16 ONNX (FP32 inputs/outputs, box decode kept FP32)."),
