@@ -79,19 +79,16 @@ def letterbox_stride(meta: ModelMetadata) -> int | None:
     return int(meta.stride) if meta.rect else None
 
 
-def pad_batch(inputs: Sequence[np.ndarray], fill: np.ndarray | float | int) -> np.ndarray:
-    """Stack (C, H, W) inputs; different rectangles are padded at the bottom/right to the largest
-    H and W with ``fill`` (per channel), which keeps every image's letterbox parameters valid."""
-    shapes = {x.shape for x in inputs}
-    if len(shapes) == 1:
-        return np.stack(inputs)
-    c = inputs[0].shape[0]
-    h = max(x.shape[1] for x in inputs)
-    w = max(x.shape[2] for x in inputs)
-    out = np.empty((len(inputs), c, h, w), inputs[0].dtype)
-    out[:] = np.asarray(fill, out.dtype).reshape(1, -1, 1, 1)
-    for i, x in enumerate(inputs):
-        out[i, :, : x.shape[1], : x.shape[2]] = x
+def pad_batch(canvases: Sequence[np.ndarray], fill: int) -> np.ndarray:
+    """Stack (H, W, 3) canvases; different rectangles are padded at the bottom/right to the
+    largest H and W with ``fill``, which keeps every image's letterbox parameters valid."""
+    if len({c.shape for c in canvases}) == 1:
+        return np.stack(canvases)
+    h = max(c.shape[0] for c in canvases)
+    w = max(c.shape[1] for c in canvases)
+    out = np.full((len(canvases), h, w, 3), fill, canvases[0].dtype)
+    for i, c in enumerate(canvases):
+        out[i, : c.shape[0], : c.shape[1]] = c
     return out
 
 
@@ -105,8 +102,7 @@ def preprocess_images(
     pad = int((meta.letterbox or {}).get("pad_value", 114))
     stride = letterbox_stride(meta)
     canvases, params = zip(*(letterbox(np.asarray(img), meta.imgsz, pad, stride) for img in images))
-    chw = pad_batch([c.transpose(2, 0, 1) for c in canvases], pad)  # uint8, still cheap
-    return normalise(chw.transpose(0, 2, 3, 1), meta), list(params)
+    return normalise(pad_batch(canvases, pad), meta), list(params)
 
 
 # ----------------------------------------------------------------------------- post-processing

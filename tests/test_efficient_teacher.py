@@ -312,7 +312,7 @@ def test_efficient_teacher_labeled_norm_passes_the_labeled_mass_as_floor(student
 
     def spy(self, raw, targets, ignore=None, min_norm=None):
         out = original(self, raw, targets, ignore, min_norm)
-        calls.append((min_norm, float(out["norm"])))
+        calls.append((None if min_norm is None else float(min_norm), float(out["norm"])))
         return out
 
     monkeypatch.setattr(PseudoLabelAssigner, "__call__", spy)

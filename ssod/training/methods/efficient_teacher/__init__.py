@@ -253,7 +253,7 @@ class EfficientTeacher(Method):
         ignore = weak_to_strong(low, unlabeled, c["min_box_size"], c["min_visible"]) if low is not None else None
         # "labeled": the unlabeled half is normalised by at least the labeled half's target mass
         # (per image), so scarce pseudo labels do not scale up every background position's loss
-        norm = float(sup["norm"]) * bu / bl if c["unsup_norm"] == "labeled" else None
+        norm = sup["norm"] * (bu / bl) if c["unsup_norm"] == "labeled" else None
         uns = pla([r[bl:] for r in raw], strong, ignore, min_norm=norm)
         if ignore is not None:
             self.meter.add_count("pl_ignore_regions", len(ignore["scores"]))

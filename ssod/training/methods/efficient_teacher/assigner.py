@@ -171,7 +171,7 @@ class PseudoLabelAssigner:
 
     def __call__(
         self, raw: list[torch.Tensor], targets: PseudoLabels, ignore: PseudoLabels | None = None,
-        min_norm: float | None = None,
+        min_norm: torch.Tensor | float | None = None,
     ) -> dict[str, torch.Tensor]:
         """Losses on ``raw`` (per-level (B, 4R + nc, H, W) maps) for ``targets`` in the same view.
 
@@ -230,7 +230,9 @@ class PseudoLabelAssigner:
         box_pos = gt_box.gather(1, target_gt_idx) & fg_mask
         soft = F.one_hot(target_labels.long().clamp(0, nc - 1), nc).to(dtype) * gt_score.gather(1, target_gt_idx)[..., None]
         cls_t = torch.where(rel[..., None], target_scores.to(dtype), soft) * fg_mask[..., None].to(dtype)
-        tss = cls_t.sum().clamp(min=max(1.0, float(min_norm or 0.0)))
+        tss = cls_t.sum().clamp(min=1)
+        if min_norm is not None:  # a tensor floor stays on the device: no host sync per step
+            tss = torch.maximum(tss, torch.as_tensor(min_norm, dtype=tss.dtype, device=tss.device))
 
         bce = F.binary_cross_entropy_with_logits(pred_scores, cls_t, reduction="none")
         class_weights = getattr(crit, "class_weights", None)
