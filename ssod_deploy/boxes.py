@@ -100,7 +100,10 @@ def letterbox(
     img: np.ndarray, imgsz: int, pad_value: int = PAD_VALUE, stride: int | None = None
 ) -> tuple[np.ndarray, tuple[float, float, float]]:
     """Resize ``img`` (H, W, 3) uint8 to longest side imgsz and pad it into the imgsz square, or
-    with ``stride`` into its smallest stride-multiple rectangle; returns (canvas, params)."""
+    with ``stride`` into its smallest stride-multiple rectangle; returns (canvas, params).
+
+    An image that already has the canvas's size comes back as is (no copy): treat the canvas
+    as read-only."""
     if img.ndim == 2:
         img = np.repeat(img[..., None], 3, axis=2)
     if img.ndim != 3 or img.shape[2] != 3:
@@ -110,6 +113,8 @@ def letterbox(
     params = letterbox_params(h, w, imgsz, canvas_hw)
     scale, pad_x, pad_y = params
     new_w, new_h = _resized_wh(h, w, scale, imgsz)
+    if (new_w, new_h) == (w, h) and canvas_hw == (h, w):
+        return img, params
     if (new_w, new_h) != (w, h):
         interp = cv2.INTER_AREA if scale < 0.5 else cv2.INTER_LINEAR
         img = cv2.resize(np.ascontiguousarray(img), (new_w, new_h), interpolation=interp)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import cv2
 import numpy as np
 
 from ssod_deploy.boxes import letterbox, postprocess_dense, unletterbox_boxes
@@ -60,17 +61,35 @@ class Backend(Protocol):
 # ------------------------------------------------------------------------------ pre-processing
 
 
+def _norm_constants(meta: ModelMetadata) -> tuple[np.float32, np.ndarray, np.ndarray]:
+    norm = getattr(meta, "normalize", None) or {}
+    scale = np.float32(norm.get("scale", 1 / 255))
+    mean = np.asarray(norm.get("mean", [0.0, 0.0, 0.0]), np.float32).reshape(3)
+    std = np.asarray(norm.get("std", [1.0, 1.0, 1.0]), np.float32).reshape(3)
+    return scale, mean, std
+
+
+def normalise_into(canvas: np.ndarray, out: np.ndarray, meta: ModelMetadata) -> np.ndarray:
+    """(H, W, 3) uint8 RGB canvas -> ``out`` (3, H, W) float32, as the model expects.
+
+    One pass per channel over contiguous planes (``cv2.split``): about half the time of a
+    transposed copy followed by a cast and a scale, and no full-size temporaries."""
+    scale, mean, std = _norm_constants(meta)
+    plain = not mean.any() and (std == 1).all()
+    for c, plane in enumerate(cv2.split(np.ascontiguousarray(canvas))):
+        np.multiply(plane, scale, out=out[c], casting="unsafe")
+        if not plain:
+            out[c] -= mean[c]
+            out[c] /= std[c]
+    return out
+
+
 def normalise(canvases: np.ndarray, meta: ModelMetadata) -> np.ndarray:
     """(B, H, W, 3) uint8 RGB letterboxed canvases -> (B, 3, H, W) float32 as the model expects."""
-    x = np.ascontiguousarray(canvases.transpose(0, 3, 1, 2)).astype(np.float32)
-    norm = meta.normalize or {}
-    scale = float(norm.get("scale", 1 / 255))
-    mean = np.asarray(norm.get("mean", [0.0, 0.0, 0.0]), np.float32)
-    std = np.asarray(norm.get("std", [1.0, 1.0, 1.0]), np.float32)
-    x *= np.float32(scale)
-    if mean.any() or (std != 1).any():
-        x -= mean.reshape(1, 3, 1, 1)
-        x /= std.reshape(1, 3, 1, 1)
+    b, h, w = canvases.shape[:3]
+    x = np.empty((b, 3, h, w), np.float32)
+    for i in range(b):
+        normalise_into(canvases[i], x[i], meta)
     return x
 
 
@@ -79,30 +98,29 @@ def letterbox_stride(meta: ModelMetadata) -> int | None:
     return int(meta.stride) if meta.rect else None
 
 
-def pad_batch(canvases: Sequence[np.ndarray], fill: int) -> np.ndarray:
-    """Stack (H, W, 3) canvases; different rectangles are padded at the bottom/right to the
-    largest H and W with ``fill``, which keeps every image's letterbox parameters valid."""
-    if len({c.shape for c in canvases}) == 1:
-        return np.stack(canvases)
-    h = max(c.shape[0] for c in canvases)
-    w = max(c.shape[1] for c in canvases)
-    out = np.full((len(canvases), h, w, 3), fill, canvases[0].dtype)
-    for i, c in enumerate(canvases):
-        out[i, : c.shape[0], : c.shape[1]] = c
-    return out
-
-
 def preprocess_images(
     images: Sequence[np.ndarray], meta: ModelMetadata
 ) -> tuple[np.ndarray, list[LetterboxParams]]:
     """Letterbox each (H, W, 3) uint8 RGB image (square, or its own rectangle for ``rect``
-    models, padded to the batch's largest), then normalise as one batch."""
+    models) and normalise them into one batch; different rectangles are padded at the
+    bottom/right to the batch's largest H and W with the pad colour, which keeps every image's
+    letterbox parameters valid."""
     if not len(images):
         return np.zeros((0, 3, meta.imgsz, meta.imgsz), np.float32), []
     pad = int((meta.letterbox or {}).get("pad_value", 114))
     stride = letterbox_stride(meta)
     canvases, params = zip(*(letterbox(np.asarray(img), meta.imgsz, pad, stride) for img in images))
-    return normalise(pad_batch(canvases, pad), meta), list(params)
+    h = max(c.shape[0] for c in canvases)
+    w = max(c.shape[1] for c in canvases)
+    x = np.empty((len(canvases), 3, h, w), np.float32)
+    scale, mean, std = _norm_constants(meta)
+    fill = ((pad * scale - mean) / std).reshape(3, 1, 1)
+    for i, c in enumerate(canvases):
+        ch, cw = c.shape[:2]
+        if (ch, cw) != (h, w):
+            x[i] = fill
+        normalise_into(c, x[i, :, :ch, :cw], meta)
+    return x, list(params)
 
 
 # ----------------------------------------------------------------------------- post-processing
@@ -207,6 +225,24 @@ class Detector:
         if m.output_format == "nms" and conf is not None and conf < m.conf:
             log.warning(f"{model}: NMS in the graph already dropped scores <= {m.conf}; conf={conf} cannot restore them")
         self.model_path = Path(model)
+        self._init_args = {"backend": backend, "conf": conf, "iou": iou, "max_det": max_det}
+
+    def cpu_lanes(self, lanes: int = 2) -> list["Detector"]:
+        """``lanes`` detectors that split this machine's cores between them, for running batches
+        concurrently on the CPU; ``[self]`` where that does not apply (GPU providers, torch).
+
+        Why: one ONNX Runtime session on every core spins its threads at each operator's end
+        and idles while its caller prepares the next batch; independent sessions with fewer
+        threads each keep the cores on useful work (docs/benchmarks.md: on 2 cores 2 x 1-thread
+        sessions run the model ~5% faster than 1 x 2 threads, and waste far less of the CPU
+        when image decoding shares the cores)."""
+        from ssod_deploy.backends.onnxruntime import available_cores
+
+        cores = available_cores()
+        if lanes < 2 or cores < 2 or not getattr(self.backend, "cpu_only", False):
+            return [self]
+        lanes = min(lanes, cores)
+        return [Detector(self.model_path, threads=cores // lanes, **self._init_args) for _ in range(lanes)]
 
     def __repr__(self) -> str:
         m = self.metadata
@@ -222,9 +258,16 @@ class Detector:
         return preprocess_images(images, self.metadata)
 
     def preprocess_one(self, image: np.ndarray) -> tuple[np.ndarray, LetterboxParams]:
-        """One image -> (3, H, W) float32 (for decode worker pools that batch later with ``infer_each``)."""
+        """One image -> (3, H, W) float32 and its letterbox parameters."""
         batch, params = preprocess_images([image], self.metadata)
         return batch[0], params[0]
+
+    def letterbox_one(self, image: np.ndarray) -> tuple[np.ndarray, LetterboxParams]:
+        """One image -> its (H, W, 3) uint8 letterboxed canvas (the image itself when it already
+        fits) for ``infer_each``: what decode pools hand over, a quarter of the float's bytes."""
+        m = self.metadata
+        pad = int((m.letterbox or {}).get("pad_value", 114))
+        return letterbox(np.asarray(image), m.imgsz, pad, letterbox_stride(m))
 
     def infer(self, batch: np.ndarray) -> list[np.ndarray]:
         """Run the network on any number of images: split by the backend's max batch, pad a fixed batch."""
@@ -262,16 +305,22 @@ class Detector:
             for (b, s, lab), p, hw in zip(per_image, params, orig_hws)
         ]
 
-    def infer_each(self, inputs: Sequence[np.ndarray]) -> list[tuple[list[int], list[np.ndarray]]]:
-        """Run ``preprocess_one`` outputs, batching the same-shaped ones: (indices, raw outputs)
+    def infer_each(self, canvases: Sequence[np.ndarray]) -> list[tuple[list[int], list[np.ndarray]]]:
+        """Run ``letterbox_one`` canvases, batching the same-shaped ones: (indices, raw outputs)
         per shape. A rect model sees several shapes; grouping them instead of padding to the
         largest keeps every image's result independent of its batch-mates (so shards, resumed
-        runs and single calls agree), as ultralytics does by using rect only for same-shape batches."""
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i, x in enumerate(inputs):
-            groups.setdefault(tuple(x.shape), []).append(i)
-        return [(idx, self.infer(np.stack([inputs[i] for i in idx], out=self._batch_buffer(len(idx), shape))))
-                for shape, idx in groups.items()]
+        runs and single calls agree), as ultralytics does by using rect only for same-shape batches.
+        Each canvas is normalised straight into a reused batch buffer (no per-image float copy)."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, c in enumerate(canvases):
+            groups.setdefault(tuple(c.shape[:2]), []).append(i)
+        out = []
+        for (h, w), idx in groups.items():
+            buf = self._batch_buffer(len(idx), (3, h, w))
+            for j, i in enumerate(idx):
+                normalise_into(canvases[i], buf[j], self.metadata)
+            out.append((idx, self.infer(buf)))
+        return out
 
     def _batch_buffer(self, n: int, shape: tuple[int, ...]) -> np.ndarray:
         """A float32 (n, *shape) array reused from call to call (the backend has finished with it
@@ -304,6 +353,6 @@ class Detector:
     def __call__(self, images: Sequence[np.ndarray], conf: float | None = None) -> list[Detections]:
         if not len(images):
             return []
-        inputs, params = zip(*(self.preprocess_one(im) for im in images))
-        groups = self.infer_each(inputs)
+        canvases, params = zip(*(self.letterbox_one(im) for im in images))
+        groups = self.infer_each(canvases)
         return self.postprocess_each(groups, params, [tuple(np.asarray(i).shape[:2]) for i in images], conf)

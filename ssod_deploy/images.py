@@ -18,6 +18,14 @@ Conversion choices (kept identical in training and deployment so models see the 
 
 ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` is never touched: it must stay ``False`` so that a
 half-written file raises instead of silently decoding gray.
+
+Speed. Pillow reads every header (format, size, mode, EXIF, the pixel limit) and decodes
+everything unusual; the pixels of a complete 8-bit RGB or gray JPEG (the bulk of any photo
+folder) are decoded by OpenCV from the same bytes instead: the same libjpeg-turbo settings give
+bit-identical pixels (full and 1/2..1/8 draft scale, tested) at ~3x less CPU, since Pillow
+decodes block by block into a 4-byte-per-pixel buffer and copies that out. "Complete" means the
+file ends with the JPEG end-of-image marker: libjpeg pads a cut-off file with gray and only
+warns, so anything else goes to Pillow, which raises on truncation.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
@@ -102,6 +111,11 @@ def read_image_with_size(
             with _open_image(path_s, fh) as img:
                 w, h = img.size
                 _check_pixels(path_s, w, h, max_pixels)
+                arr = _decode_plain_jpeg(img, fh, w, h, target_size)
+                if arr is not None:
+                    orientation = _orientation(img)
+                    arr = _orient_array(arr, orientation)
+                    return arr, ((w, h) if orientation in (5, 6, 7, 8) else (h, w))
                 if target_size and img.format == "JPEG":
                     _draft(img, w, h, int(target_size))
                 img.load()  # decode now, before anything else touches pixels: truncation raises
@@ -190,16 +204,80 @@ def _orientation(img: Image.Image, header_only: bool = False) -> int:
         return 1
 
 
-def _draft(img: Image.Image, w: int, h: int, target_size: int) -> None:
-    """Let the JPEG decoder downscale (1/2..1/8) while the longest side stays >= target."""
+def _draft_request(w: int, h: int, target_size: int) -> tuple[int, int] | None:
+    """The (w, h) a JPEG may be reduced to while its longest side stays >= target (None: full)."""
     longest = max(w, h)
     if longest <= target_size:
-        return
+        return None
     ratio = target_size / longest
+    return max(1, int(np.ceil(w * ratio))), max(1, int(np.ceil(h * ratio)))
+
+
+def _draft(img: Image.Image, w: int, h: int, target_size: int) -> None:
+    """Let the JPEG decoder downscale (1/2..1/8) while the longest side stays >= target."""
+    req = _draft_request(w, h, target_size)
+    if req is None:
+        return
     # draft keeps both sides >= the request, so the longest side stays >= target_size.
-    req = (max(1, int(np.ceil(w * ratio))), max(1, int(np.ceil(h * ratio))))
     mode = "RGB" if img.mode in ("RGB", "YCbCr") else img.mode
     img.draft(mode, req)
+
+
+def _draft_scale(w: int, h: int, target_size: int | None) -> int:
+    """The 1, 2, 4 or 8 Pillow's ``draft`` picks for ``_draft_request`` (its own rule)."""
+    req = _draft_request(w, h, int(target_size)) if target_size else None
+    if req is None:
+        return 1
+    fit = min(w // req[0], h // req[1])
+    return next(sc for sc in (8, 4, 2, 1) if fit >= sc)
+
+
+_JPEG_EOI = b"\xff\xd9"
+# OpenCV read flags by draft scale (colour; the gray flags are these minus IMREAD_COLOR)
+_CV2_COLOR = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+              8: cv2.IMREAD_REDUCED_COLOR_8}
+_CV2_GRAY = {1: cv2.IMREAD_GRAYSCALE, 2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
+             8: cv2.IMREAD_REDUCED_GRAYSCALE_8}
+
+
+def _decode_plain_jpeg(img: Image.Image, fh, w: int, h: int, target_size: int | None) -> np.ndarray | None:
+    """Pixels of a complete 8-bit RGB/gray JPEG by OpenCV (module docstring), else None
+    (Pillow decodes it). Orientation is not applied here."""
+    if img.format != "JPEG" or img.mode not in ("RGB", "L"):
+        return None
+    fh.seek(0)
+    data = fh.read()
+    if not data.endswith(_JPEG_EOI):
+        return None
+    sc = _draft_scale(w, h, target_size)
+    flags = (_CV2_COLOR if img.mode == "RGB" else _CV2_GRAY)[sc] | cv2.IMREAD_IGNORE_ORIENTATION
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    if arr is None or arr.shape[:2] != (-(-h // sc), -(-w // sc)):
+        return None  # anything unexpected: Pillow decides (and raises a clear error if it must)
+    if arr.ndim == 2:
+        return _gray_to_rgb(arr)
+    return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB, dst=arr)  # in place: no second buffer
+
+
+def _orient_array(arr: np.ndarray, orientation: int) -> np.ndarray:
+    """EXIF orientation on an (H, W, 3) array, as ``_ORIENTATION_OPS`` does on a Pillow image."""
+    if orientation == 2:
+        arr = arr[:, ::-1]
+    elif orientation == 3:
+        arr = arr[::-1, ::-1]
+    elif orientation == 4:
+        arr = arr[::-1]
+    elif orientation == 5:
+        arr = arr.transpose(1, 0, 2)
+    elif orientation == 6:
+        arr = np.rot90(arr, -1)
+    elif orientation == 7:
+        arr = arr[::-1, ::-1].transpose(1, 0, 2)
+    elif orientation == 8:
+        arr = np.rot90(arr, 1)
+    else:
+        return arr
+    return np.ascontiguousarray(arr)
 
 
 def _wrap(path: str, e: BaseException) -> ImageReadError:

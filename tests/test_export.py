@@ -128,7 +128,9 @@ def test_rect_export_takes_rectangles_and_matches_torch(work, fp32_onnx):
     singles = [det.preprocess_one(im) for im in imgs]
     assert [x.shape[1:] for x, _ in singles] == [(64, 64), (64, 32), (64, 64)]  # 48 rounds up to 64, 30 to 32
     assert singles[0][1][2] == 8.0  # 48 rows centred in 64: 8 px of padding on top
-    groups = det.infer_each([x for x, _ in singles])
+    canvases = [det.letterbox_one(im)[0] for im in imgs]
+    assert [c.shape[:2] for c in canvases] == [x.shape[1:] for x, _ in singles]
+    groups = det.infer_each(canvases)
     assert sorted(idx for idx, _ in groups) == [[0, 2], [1]]  # batched per shape, never padded together
     assert groups[0][1][0].shape[-1] == 84 and groups[1][1][0].shape[-1] == 42  # anchors follow H, W
     batched = det(imgs)

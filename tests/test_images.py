@@ -292,6 +292,58 @@ def test_draft_with_exif_rotation(tmp_path: Path) -> None:
     assert arr.shape == (160, 100, 3)
 
 
+# ------------------------------------------------------------------------- OpenCV JPEG path
+
+
+def _noisy(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """Texture with high frequencies, so any decoder difference would show in the pixels."""
+    rng = np.random.default_rng(seed)
+    return np.clip(_rgb(h, w).astype(int) + rng.integers(-60, 60, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("gray", [False, True])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_opencv_jpeg_path_equals_pillow_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             orientation: int, gray: bool) -> None:
+    import ssod_deploy.images as images
+
+    p = tmp_path / "o.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    im = Image.fromarray(_noisy(200, 328))
+    (im.convert("L") if gray else im).save(p, exif=exif, quality=85)
+    fast = [read_image_with_size(p, target_size=t) for t in (None, 160, 90, 40)]
+    monkeypatch.setattr(images, "_decode_plain_jpeg", lambda *a: None)  # Pillow only
+    slow = [read_image_with_size(p, target_size=t) for t in (None, 160, 90, 40)]
+    # target 160 / 90 / 40 on a 328x200 image: draft scales 2, 2 (a 1/4 image would be < 90 wide), 8
+    assert [a.shape[:2] for a, _ in fast] == [a.shape[:2] for a, _ in slow]
+    assert len({a.shape for a, _ in fast}) == 3
+    for (a, hw_a), (b, hw_b) in zip(fast, slow):
+        assert hw_a == hw_b
+        _check_rgb(a, a.shape[:2])
+        assert np.array_equal(a, b)  # bit-identical pixels, orientation included
+
+
+def test_jpeg_without_end_marker_goes_to_pillow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Trailing bytes after the image (some cameras append data) are fine; a cut-off file
+    still raises (OpenCV alone would pad it with gray and only warn)."""
+    import ssod_deploy.images as images
+
+    good = tmp_path / "tail.jpg"
+    Image.fromarray(_noisy(64, 96)).save(good, quality=90)
+    ref = read_image(good)
+    good.write_bytes(good.read_bytes() + b"camera-trailer")
+    calls = []
+    real = images._decode_plain_jpeg
+    monkeypatch.setattr(images, "_decode_plain_jpeg", lambda *a: calls.append(real(*a)) or calls[-1])
+    assert np.array_equal(read_image(good), ref)
+    assert calls == [None]  # decided by Pillow
+    cut = tmp_path / "cut.jpg"
+    data = (tmp_path / "tail.jpg").read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    _expect_error(cut, "truncated or corrupt image data")
+
+
 # ------------------------------------------------------------------------------- discovery
 
 

@@ -76,6 +76,9 @@ class FakeDetector:
         canvas, params = letterbox(image, self.metadata.imgsz)
         return np.ascontiguousarray(canvas.transpose(2, 0, 1), dtype=np.float32) / 255.0, params
 
+    def letterbox_one(self, image: np.ndarray):
+        return letterbox(image, self.metadata.imgsz)
+
     # the real grouping code, over this fake's infer/postprocess
     infer_each = Detector.infer_each
     _batch_buffer = Detector._batch_buffer
@@ -316,6 +319,33 @@ def test_resume_after_injected_crash_is_byte_identical(folder: Path, reference: 
     assert snapshot(out) == snapshot(reference)
     idx = [json.loads(line)["i"] for line in (out / "journal.jsonl").read_text().splitlines()[1:]]
     assert sorted(idx) == list(range(16))  # nothing redone, nothing duplicated
+
+
+def test_a_failing_lane_stops_the_run_and_resume_completes_it(folder: Path, reference: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """With two inference lanes, an error in the second lane's thread reaches the caller (no
+    hang, no silent loss) and --resume finishes the run to the same bytes as one clean run."""
+    from ssod_deploy.label import pipeline
+
+    class Broken(FakeDetector):
+        def infer(self, batch):
+            time.sleep(0.02)
+            raise RuntimeError("lane 1 device lost")
+
+    class Laned(FakeDetector):
+        def cpu_lanes(self, lanes: int = 2):
+            return [FakeDetector(delay=0.02), Broken()]
+
+    out = tmp_path / "laned"
+    monkeypatch.setattr(pipeline, "_load_detector", lambda *a, **k: Laned())
+    with pytest.raises(RuntimeError, match="lane 1 device lost"):
+        label_images(folder, "model.onnx", out, batch=3)
+    assert not (out / "coco.json").exists()
+    monkeypatch.setattr(pipeline, "_load_detector", lambda *a, **k: FakeDetector())
+    label_images(folder, "model.onnx", out, batch=3, resume=True)
+    assert snapshot(out) == snapshot(reference)
+    idx = [json.loads(line)["i"] for line in (out / "journal.jsonl").read_text().splitlines()[1:]]
+    assert sorted(idx) == list(range(16))
 
 
 def test_resume_after_sigkill_is_byte_identical(folder: Path, reference: Path, tmp_path: Path) -> None:

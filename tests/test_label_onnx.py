@@ -9,6 +9,7 @@ with real floating-point inference.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -123,3 +124,34 @@ def test_onnx_shards_and_resume_are_byte_identical(teacher, tmp_path: Path, monk
     s = label_images(images, model, tmp_path / "crash", batch=4, resume=True)
     assert s["throughput"]["done_before_this_run"] == 12
     assert _snapshot(tmp_path / "crash") == ref
+
+
+def test_cpu_lanes_give_the_same_outputs_as_one_session(teacher, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two inference lanes (two 1-thread sessions taking chunks in turn, as on a 2-core CPU)
+    write exactly what one session on every core writes: lanes change who runs a batch, not
+    what it holds."""
+    import ssod_deploy.backends.onnxruntime as ort_backend
+    from ssod_deploy.detector import Detector
+    from ssod_deploy.label import label_images
+
+    model, images, *_ = teacher
+    monkeypatch.setattr(ort_backend, "available_cores", lambda: 2)
+    lanes = Detector(model).cpu_lanes()
+    assert len(lanes) == 2 and {d.backend.session.get_session_options().intra_op_num_threads for d in lanes} == {1}
+    used = []
+    real = Detector.infer_each
+
+    def infer_each(self, canvases):
+        used.append(id(self))
+        time.sleep(0.02)  # a slow batch: the other lane surely takes the next chunk meanwhile
+        return real(self, canvases)
+
+    monkeypatch.setattr(Detector, "infer_each", infer_each)
+    label_images(images, model, tmp_path / "lanes", batch=2)
+    assert len(set(used)) == 2  # both lanes ran batches
+    monkeypatch.setattr(Detector, "cpu_lanes", lambda self, lanes=2: [self])
+    used.clear()
+    label_images(images, model, tmp_path / "one", batch=2)
+    assert len(set(used)) == 1
+    assert _snapshot(tmp_path / "lanes") == _snapshot(tmp_path / "one")

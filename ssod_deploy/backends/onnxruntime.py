@@ -71,6 +71,7 @@ class OnnxRuntimeBackend:
         self.metadata: ModelMetadata = ModelMetadata.from_onnx(self.session)
         used = self.session.get_providers()
         self.name = f"onnxruntime[{used[0]}]"
+        self.cpu_only = used[0] == "CPUExecutionProvider"  # concurrent sessions may split the cores
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.input_dtype = np.float16 if "float16" in inp.type else np.float32

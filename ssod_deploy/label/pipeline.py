@@ -3,10 +3,14 @@
 Data flow (threads, not processes: Pillow decoding, OpenCV resizing, numpy and ONNX Runtime
 all release the GIL, and threads hand 5 MB input tensors over without copying them)::
 
-    main thread:     submit chunk k+1, k+2 to the decode pool (bounded: ``PREFETCH`` chunks)
-    decode pool:     read_image_with_size (JPEG draft) -> Detector.preprocess_one
-    main thread:     stack chunk k -> Detector.infer -> postprocess -> thresholds -> lines
-    writer thread:   append lines to the journal (fsync), draw --save-vis previews
+    lanes:           take chunk k, queue chunk k+PREFETCH+lanes for decoding (bounded)
+    decode pool:     read_image_with_size (JPEG draft) -> Detector.letterbox_one (uint8 canvas)
+    lanes:           normalise chunk k into the lane's batch buffer -> Detector.infer -> output queue
+    output thread:   postprocess -> thresholds -> append lines to the journal (fsync), previews
+
+On a CPU, ``Detector.cpu_lanes`` gives two inference lanes (main thread + one more), each
+with its own ONNX Runtime session on half the cores: one lane stacks its next batch while the
+other runs, and no session's threads spin idle while the decoders need the cores.
 
 Determinism. The file list is split into fixed *chunks* of ``batch`` images by position in
 the full sorted list; a chunk is always inferred as one batch (minus its unreadable files),
@@ -191,7 +195,7 @@ def default_out(source: str | os.PathLike) -> Path:
 @dataclass
 class _Loaded:
     i: int
-    x: np.ndarray  # (3, H, W) float32
+    x: np.ndarray | None  # (H, W, 3) uint8 letterboxed canvas, dropped once batched
     params: Any
     arr_hw: tuple[int, int]
     orig_hw: tuple[int, int]
@@ -366,7 +370,7 @@ def _to_original(tau1: np.ndarray, tau2: np.ndarray, loaded: _Loaded,
 
 
 def _run_chunks(
-    det: Any,
+    dets: Sequence[Any],
     items: Sequence[Item],
     chunks: Sequence[int],
     batch: int,
@@ -376,8 +380,14 @@ def _run_chunks(
     max_pixels: int,
     vis_budget: int,
 ) -> None:
-    """The inference loop: decode ahead in the pool, infer chunk after chunk, hand outputs on."""
-    imgsz = int(det.metadata.imgsz)
+    """The inference loop: decode ahead in the pool, infer chunk after chunk, hand outputs on.
+
+    One inference lane per detector in ``dets`` (``Detector.cpu_lanes``): each lane takes the
+    next decoded chunk and infers it as one batch, so lanes change which thread runs a chunk,
+    never what the chunk's batch holds. Lane 0 is this thread; a failure in any lane stops all.
+    """
+    imgsz = int(dets[0].metadata.imgsz)
+    letterbox_one = dets[0].letterbox_one  # depends on the metadata only: the same in every lane
     vis_lock = threading.Lock()
     vis_claimed = 0
 
@@ -396,7 +406,7 @@ def _run_chunks(
             return _Skipped(i, item.skip)
         try:
             arr, orig_hw = read_image_with_size(item.path, max_pixels, target_size=imgsz)
-            x, params = det.preprocess_one(arr)
+            x, params = letterbox_one(arr)
         except ImageReadError as e:
             return _Skipped(i, e.reason)
         except Exception as e:  # noqa: BLE001 -- one odd file must never end a long run
@@ -407,6 +417,9 @@ def _run_chunks(
     pending: deque[list[Future]] = deque()
     chunk_iter = iter(chunks)
     n_total = len(items)
+    take_lock = threading.Lock()
+    stop = threading.Event()
+    errors: list[BaseException] = []
 
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="ssod-decode") as pool:
 
@@ -415,27 +428,58 @@ def _run_chunks(
             if k is not None:
                 pending.append([pool.submit(load, i) for i in range(k * batch, min((k + 1) * batch, n_total))])
 
-        try:
-            for _ in range(PREFETCH + 1):
+        def take() -> list[Future] | None:
+            """The next chunk's decode futures; queues another chunk so the pool stays busy."""
+            with take_lock:
+                if stop.is_set() or not pending:
+                    return None
+                futs = pending.popleft()
                 submit_next()
-            while pending:
-                results = [f.result() for f in pending.popleft()]
-                submit_next()  # keep the pool decoding while this chunk is inferred
+                return futs
+
+        def lane(det: Any) -> None:
+            while (futs := take()) is not None:
+                results = [f.result() for f in futs]
                 loaded = [r for r in results if isinstance(r, _Loaded)]
                 raw = None
                 if loaded:
                     inputs = [r.x for r in loaded]
                     for r in loaded:
-                        r.x = None  # the batch holds the pixels now; drop the per-image copies
+                        r.x = None  # only `inputs` holds the canvases now: freed once batched
                     # batched per input shape (rect models); Detector.infer splits/pads fixed-batch models
                     raw = det.infer_each(inputs)
                     del inputs
                 output.put(_Batch(results, raw))
+
+        def side_lane(det: Any) -> None:
+            try:
+                lane(det)
+            except BaseException as e:  # noqa: BLE001 -- re-raised on the main thread
+                errors.append(e)
+                stop.set()
+
+        with take_lock:
+            for _ in range(PREFETCH + len(dets)):
+                submit_next()
+        side = [threading.Thread(target=side_lane, args=(d,), name=f"ssod-lane{k}", daemon=True)
+                for k, d in enumerate(dets[1:], 1)]
+        try:
+            for t in side:
+                t.start()
+            lane(dets[0])
         except BaseException:
+            stop.set()
+            raise
+        finally:
+            for t in side:
+                while t.is_alive():  # a timed join stays interruptible
+                    t.join(0.2)
+            stop.set()
             for futs in pending:
                 for f in futs:
                     f.cancel()
-            raise
+        if errors:
+            raise errors[0]
 
 
 def _load_detector(model: str | os.PathLike, backend: str, iou: float | None, imgsz: int | None) -> Any:
@@ -552,11 +596,14 @@ def label_images(
     vis_have = sum(1 for _ in vis_dir.rglob("*.jpg")) if save_vis and vis_dir.is_dir() else 0
     t0 = time.perf_counter()
     bar = _Progress(n_todo, progress)
-    output = _OutputThread(det, items, done, jwriter, tau1, tau2, vis_dir, names, bar)
+    # a caller's own detector runs as given; one we loaded may split the CPU into lanes
+    lanes = det.cpu_lanes() if detector is None and hasattr(det, "cpu_lanes") else [det]
+    det = lanes[0]  # the full-core session is released
+    output = _OutputThread(lanes[0], items, done, jwriter, tau1, tau2, vis_dir, names, bar)
     output.start()
     try:
         try:
-            _run_chunks(det, items, todo_chunks, batch, done, output, workers, int(max_pixels),
+            _run_chunks(lanes, items, todo_chunks, batch, done, output, workers, int(max_pixels),
                         max(0, int(save_vis) - vis_have))
         finally:
             try:
