@@ -117,7 +117,9 @@ def main(rows: dict = ROWS, cost_methods: tuple[str, ...] = ("efficient_teacher"
     ap.add_argument("--width", type=float, default=None, help="width multiplier (default: the model's own)")
     ap.add_argument("--depth", type=float, default=None)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="training seed (batch order, augmentation, init)")
+    ap.add_argument("--data-seed", type=int, default=0,
+                    help="demo data draw: other images, objects and label split (a second sample of the data)")
     ap.add_argument("--val-interval", type=int, default=2)
     ap.add_argument("--rows", default=",".join(rows))
     ap.add_argument("--n-train", type=int, default=2000)
@@ -131,7 +133,9 @@ def main(rows: dict = ROWS, cost_methods: tuple[str, ...] = ("efficient_teacher"
     if args.burn_in is None:
         args.burn_in = round(0.4 * args.epochs)
 
-    data = {r: make_demo_dataset(Path(args.data_root) / f"demo-r{r}", seed=0, labeled_ratio=r, n_train=args.n_train, progress=False)
+    sfx = f"-d{args.data_seed}" if args.data_seed else ""
+    data = {r: make_demo_dataset(Path(args.data_root) / f"demo-r{r}{sfx}", seed=args.data_seed, labeled_ratio=r,
+                                 n_train=args.n_train, progress=False)
             for r in (0.1, 1.0)}
     results_path = Path(args.out) / "ssod_gain.json"
     results = _read_results(results_path)

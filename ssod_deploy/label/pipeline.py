@@ -1,7 +1,7 @@
 """`ssod label` engine: discover -> decode+letterbox pool -> batched inference -> journal -> outputs.
 
-Data flow (threads, not processes: Pillow decoding, OpenCV resizing, numpy and ONNX Runtime
-all release the GIL, and threads hand 5 MB input tensors over without copying them)::
+Data flow (threads, not processes: OpenCV/Pillow decoding, numpy and ONNX Runtime all release
+the GIL, and threads hand decoded images over without copying them)::
 
     lanes:           take chunk k, queue chunk k+PREFETCH+lanes for decoding (bounded)
     decode pool:     read_image_with_size (JPEG draft) -> Detector.letterbox_one (uint8 canvas)
@@ -9,8 +9,9 @@ all release the GIL, and threads hand 5 MB input tensors over without copying th
     output thread:   postprocess -> thresholds -> append lines to the journal (fsync), previews
 
 On a CPU, ``Detector.cpu_lanes`` gives two inference lanes (main thread + one more), each
-with its own ONNX Runtime session on half the cores: one lane stacks its next batch while the
-other runs, and no session's threads spin idle while the decoders need the cores.
+with its own ONNX Runtime session on half the cores: one lane prepares its next batch while the
+other runs, and no session's threads spin idle while the decoders need the cores. The price is
+a second set of activations (``--lanes 1`` to save it; docs/benchmarks.md has the figures).
 
 Determinism. The file list is split into fixed *chunks* of ``batch`` images by position in
 the full sorted list; a chunk is always inferred as one batch (minus its unreadable files),
@@ -506,6 +507,7 @@ def label_images(
     imgsz: int | None = None,
     batch: int = 8,
     workers: int | None = None,
+    lanes: int = 0,
     backend: str = "auto",
     resume: bool = False,
     shard: str | tuple[int, int] | None = None,
@@ -519,12 +521,15 @@ def label_images(
     """Pseudo-label every image under ``source`` with an exported model; returns summary.json's dict.
 
     ``source``: a folder, one image, or a .txt list of paths. ``detector`` may be passed instead
-    of ``model`` (anything with the ``ssod_deploy.detector.Detector`` interface).
+    of ``model`` (anything with the ``ssod_deploy.detector.Detector`` interface; it runs as given).
+    ``lanes``: CPU inference lanes (``Detector.cpu_lanes``); 0 = auto (2 on a multi-core CPU).
     """
     if detector is None and model is None:
         raise ValueError("give a model file (--model) or a detector")
     if int(batch) < 1:
         raise ValueError(f"--batch {batch}: must be >= 1")
+    if int(lanes) < 0:
+        raise ValueError(f"--lanes {lanes}: must be >= 0 (0 = auto)")
     batch = int(batch)
     fmts = parse_formats(formats)
     shard_i, shard_n = parse_shard(shard)
@@ -597,13 +602,14 @@ def label_images(
     t0 = time.perf_counter()
     bar = _Progress(n_todo, progress)
     # a caller's own detector runs as given; one we loaded may split the CPU into lanes
-    lanes = det.cpu_lanes() if detector is None and hasattr(det, "cpu_lanes") else [det]
-    det = lanes[0]  # the full-core session is released
-    output = _OutputThread(lanes[0], items, done, jwriter, tau1, tau2, vis_dir, names, bar)
+    split = detector is None and hasattr(det, "cpu_lanes") and int(lanes) != 1
+    dets = det.cpu_lanes(int(lanes) or 2) if split else [det]
+    det = dets[0]  # the full-core session is released
+    output = _OutputThread(det, items, done, jwriter, tau1, tau2, vis_dir, names, bar)
     output.start()
     try:
         try:
-            _run_chunks(lanes, items, todo_chunks, batch, done, output, workers, int(max_pixels),
+            _run_chunks(dets, items, todo_chunks, batch, done, output, workers, int(max_pixels),
                         max(0, int(save_vis) - vis_have))
         finally:
             try:
