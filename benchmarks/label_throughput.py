@@ -11,7 +11,7 @@ data (``--train-epochs``), since throughput, not accuracy, is measured here.
 
 Exports: FP32, and INT8 (Q/DQ for ONNX Runtime's x86 path, calibrated on the photos themselves,
 as ``ssod export --int8 --calib unlabeled_dir`` does); the ssod rows are given for each.
-Every row letterboxes a 640x480 photo to the same rectangle (320x256 at 320, 640x512 at 640):
+Every row letterboxes a 640x480 photo to the same rectangle (320x256 at 320, 640x480 at 640):
 ultralytics predict does so for same-shape batches, ssod's default ONNX export takes any
 stride-multiple H, W (``--rect``), and the torch loop uses the same rectangle.
 
