@@ -93,6 +93,11 @@ def normalise(canvases: np.ndarray, meta: ModelMetadata) -> np.ndarray:
     return x
 
 
+def pad_value(meta: ModelMetadata) -> int:
+    """The letterbox border colour the model was trained with (ultralytics gray 114 by default)."""
+    return int((meta.letterbox or {}).get("pad_value", 114))
+
+
 def letterbox_stride(meta: ModelMetadata) -> int | None:
     """The stride rectangular letterboxing rounds to, or None for the square (``meta.rect``)."""
     return int(meta.stride) if meta.rect else None
@@ -107,7 +112,7 @@ def preprocess_images(
     letterbox parameters valid."""
     if not len(images):
         return np.zeros((0, 3, meta.imgsz, meta.imgsz), np.float32), []
-    pad = int((meta.letterbox or {}).get("pad_value", 114))
+    pad = pad_value(meta)
     stride = letterbox_stride(meta)
     canvases, params = zip(*(letterbox(np.asarray(img), meta.imgsz, pad, stride) for img in images))
     h = max(c.shape[0] for c in canvases)
@@ -266,8 +271,7 @@ class Detector:
         """One image -> its (H, W, 3) uint8 letterboxed canvas (the image itself when it already
         fits) for ``infer_each``: what decode pools hand over, a quarter of the float's bytes."""
         m = self.metadata
-        pad = int((m.letterbox or {}).get("pad_value", 114))
-        return letterbox(np.asarray(image), m.imgsz, pad, letterbox_stride(m))
+        return letterbox(np.asarray(image), m.imgsz, pad_value(m), letterbox_stride(m))
 
     def infer(self, batch: np.ndarray) -> list[np.ndarray]:
         """Run the network on any number of images: split by the backend's max batch, pad a fixed batch."""

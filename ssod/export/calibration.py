@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ssod_deploy.detector import normalise
+from ssod_deploy.detector import normalise, pad_value
 from ssod_deploy.boxes import letterbox
 from ssod_deploy.images import ImageReadError, SkipReport, discover_images, read_image
 from ssod_deploy.metadata import ModelMetadata
@@ -59,7 +59,7 @@ class CalibrationReader(_Base):
         self.meta = meta
         self.input_name = input_name
         self.skipped = skipped if skipped is not None else SkipReport()
-        pad = int((meta.letterbox or {}).get("pad_value", 114))
+        pad = pad_value(meta)
         canvases = []
         for p in images:
             try:
