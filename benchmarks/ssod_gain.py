@@ -50,6 +50,8 @@ EXTRA_ROWS = {
     "et_labeled_norm": ("efficient_teacher", 0.1, {"unsup_norm": "labeled"}),  # the default since 2026-12-02
     "et_pseudo_norm": ("efficient_teacher", 0.1, {"unsup_norm": "pseudo"}),  # the default before
     "et_labeled_norm_lambda1": ("efficient_teacher", 0.1, {"unsup_norm": "labeled", "lambda_u": 1.0}),
+    "et_teacher_bg": ("efficient_teacher", 0.1, {"unsup_background": "teacher"}),
+    "et_teacher_bg_lambda1": ("efficient_teacher", 0.1, {"unsup_background": "teacher", "lambda_u": 1.0}),
 }
 
 

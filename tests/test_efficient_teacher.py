@@ -310,8 +310,8 @@ def test_efficient_teacher_labeled_norm_passes_the_labeled_mass_as_floor(student
     calls: list[tuple[float | None, float]] = []
     original = PseudoLabelAssigner.__call__
 
-    def spy(self, raw, targets, ignore=None, min_norm=None):
-        out = original(self, raw, targets, ignore, min_norm)
+    def spy(self, raw, targets, ignore=None, min_norm=None, background=None):
+        out = original(self, raw, targets, ignore, min_norm, background)
         calls.append((None if min_norm is None else float(min_norm), float(out["norm"])))
         return out
 
@@ -392,6 +392,43 @@ def test_ignore_low_score_turns_sub_tau1_boxes_into_ignore_regions(student):
         cls_loss[on] = float(losses["unsup_cls"].detach())
         assert (m.log_values().get("pl_ignore_regions_per_img", 0) > 0) == on
     assert cls_loss[True] < cls_loss[False]
+
+
+def test_teacher_background_gives_unassigned_positions_the_teacher_scores(student, monkeypatch):
+    """``unsup_background: teacher``: positions no pseudo box is assigned to learn the teacher's
+    scores read through the view matrices (here a flip of constant maps: level 0 says a at 0.95,
+    level 1 b at 0.5 — below tau1, so those boxes are dropped but their scores stay targets);
+    assigned positions and the normaliser are those of the paper's zero background."""
+    student = copy.deepcopy(student).train()
+    teacher = _confident_teacher(student)
+    labeled, unlabeled = _batches()
+    seen: dict[str, tuple[dict, torch.Tensor | None, torch.Tensor]] = {}
+    original = PseudoLabelAssigner.__call__
+    mode = ""
+
+    def spy(self, raw, targets, ignore=None, min_norm=None, background=None):
+        out = original(self, raw, targets, ignore, min_norm, background)
+        seen[mode] = (out, background, out["cls"].detach())
+        return out
+
+    monkeypatch.setattr(PseudoLabelAssigner, "__call__", spy)
+    for mode in ("zero", "teacher"):
+        m = build_method("efficient_teacher", {"domain_adaptation": False, "tau1": 0.6, "tau2": 0.9,
+                                               "unsup_background": mode})
+        m.set_label_statistics([2, 1, 0], 4, names=NAMES)
+        m.start_epoch()
+        assert all(torch.isfinite(v) for v in m.losses(labeled, unlabeled, student, teacher).values())
+    (zero, bg0, cls0), (soft, bg, cls1) = seen["zero"], seen["teacher"]
+    assert bg0 is None and bg.shape == zero["cls_target"].shape == (2, 84, 3)
+    lvl0, lvl1 = bg[:, :64], bg[:, 64:80]
+    assert torch.allclose(lvl0[..., 0], torch.sigmoid(torch.tensor(3.0)), atol=1e-5)
+    assert torch.allclose(lvl1[..., 1], torch.tensor(0.5), atol=1e-5) and float(bg[:, 80:].max()) < 1e-4
+    fg = zero["cls_target"].sum(-1) > 0
+    assert fg.any() and (~fg[:, 64:80]).all()  # the 0.5 boxes are under tau1: nothing assigned to them
+    assert torch.equal(soft["cls_target"], torch.where(fg[..., None], zero["cls_target"], bg))
+    assert float(soft["norm"]) == float(zero["norm"]) and float(cls1) != float(cls0)
+    with pytest.raises(ValueError, match="unsup_background"):
+        build_method("efficient_teacher", {"unsup_background": "ignore"})
 
 
 def test_efficient_teacher_without_adaptation_or_pseudo_boxes(student):

@@ -152,3 +152,30 @@ def test_pseudo_batch_is_a_labeled_batch_on_the_strong_view():
     b = pseudo_batch(p, un)
     assert b["img"] is un["strong"] and b["M"] is un["M_strong"]
     assert b["cls"].tolist() == [2] and b["batch_idx"].tolist() == [1] and b["boxes"].shape == (1, 4)
+
+
+def test_resample_maps_reads_the_weak_map_at_each_strong_cell():
+    """Identity reads the map back cell for cell; a flip mirrors it; a 2x zoom (strong = 2x the
+    weak view, shifted) reads the weak map at half the coordinates; cells mapping outside read 0."""
+    from ssod.training.pseudo_geometry import resample_maps
+
+    torch.manual_seed(0)
+    maps = [torch.rand(2, 3, 8, 8), torch.rand(2, 3, 4, 4)]  # strides 8 and 16 on a 64-px canvas
+    flat = torch.cat([m.flatten(2) for m in maps], 2).transpose(1, 2)
+    eye = torch.eye(3).repeat(2, 1, 1)
+    assert torch.allclose(resample_maps(maps, eye, eye, S), flat, atol=1e-6)
+
+    flipped = resample_maps(maps, eye, torch.stack([_flip(), _flip()]), S)
+    expect = torch.cat([m.flip(-1).flatten(2) for m in maps], 2).transpose(1, 2)
+    assert torch.allclose(flipped, expect, atol=1e-6)
+
+    # strong = weak shrunk by 2: strong cell (i, j) centre (8j+4, 8i+4) -> weak pixel (16j+8, 16i+8),
+    # the corner shared by weak cells 2i..2i+1 x 2j..2j+1 -> their mean; cells past the weak view read 0
+    half = _scale_shift(0.5, 0, 0).repeat(2, 1, 1)
+    out = resample_maps(maps[:1], eye, half, S).transpose(1, 2).reshape(2, 3, 8, 8)
+    assert torch.allclose(out[..., :4, :4], torch.nn.functional.avg_pool2d(maps[0], 2), atol=1e-6)
+    assert (out[..., 4:, :] == 0).all() and (out[..., :, 4:] == 0).all()
+    shifted = _scale_shift(1.0, 32, 0).repeat(2, 1, 1)  # strong = weak moved right by half the canvas
+    out = resample_maps(maps, eye, shifted, S)[:, :64].transpose(1, 2).reshape(2, 3, 8, 8)
+    assert torch.allclose(out[..., 4:], maps[0][..., :4], atol=1e-6)
+    assert (out[..., :4] == 0).all()  # the strong view's left half comes from outside the weak view

@@ -9,8 +9,9 @@ over all boxes of a batch.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ["view_to_view", "map_boxes", "clip_and_filter"]
+__all__ = ["view_to_view", "map_boxes", "clip_and_filter", "resample_maps"]
 
 
 def view_to_view(M_from: torch.Tensor, M_to: torch.Tensor) -> torch.Tensor:
@@ -54,3 +55,27 @@ def clip_and_filter(
     area_m = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     keep = (cw >= min_size) & (ch >= min_size) & (area_m > 0) & (cw * ch >= min_visible * area_m)
     return clipped, keep
+
+
+def resample_maps(maps: list[torch.Tensor], M_from: torch.Tensor, M_to: torch.Tensor, canvas: int) -> torch.Tensor:
+    """Dense per-level maps of view ``from`` read at the grid-cell centres of view ``to``.
+
+    ``maps``: per level (B, C, H, W) over a square ``canvas``-pixel view, cell ``(i, j)`` centred
+    on pixel ``((j + 0.5) * canvas / W, (i + 0.5) * canvas / H)`` (ultralytics' anchor points).
+    Each cell of view ``to`` is mapped into view ``from`` and the level's map is sampled there
+    bilinearly; points outside view ``from`` read 0. Returns (B, A, C) with the levels
+    flattened in order, the layout of the head's flattened outputs. One ``grid_sample`` per
+    level (3 for YOLO), no loop over images or positions.
+    """
+    T = view_to_view(M_to, M_from)  # (B,3,3): to-view pixels -> from-view pixels
+    out = []
+    for m in maps:
+        b, _, h, w = m.shape
+        ys = (torch.arange(h, device=m.device, dtype=torch.float32) + 0.5) * (canvas / h)
+        xs = (torch.arange(w, device=m.device, dtype=torch.float32) + 0.5) * (canvas / w)
+        gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+        pts = torch.stack((gx, gy, torch.ones_like(gx)), -1).reshape(1, h * w, 3)  # (1, HW, 3)
+        src = pts @ T[:, :2].transpose(1, 2)  # (B, HW, 2) pixels of view ``from``
+        grid = (src * (2.0 / canvas) - 1.0).reshape(b, h, w, 2)  # align_corners=False convention
+        out.append(F.grid_sample(m.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False).flatten(2))
+    return torch.cat(out, 2).transpose(1, 2).to(maps[0].dtype)

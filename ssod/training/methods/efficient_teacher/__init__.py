@@ -39,12 +39,15 @@ from ssod.training.methods.base import Method, register_method
 from ssod.training.methods.efficient_teacher.adaptor import DomainDiscriminator, EpochAdaptor
 from ssod.training.methods.efficient_teacher.assigner import (
     PseudoLabelAssigner,
+    class_maps,
     dense_teacher_detections,
     labeled_targets,
+    teacher_raw,
 )
 from ssod.training.methods.efficient_teacher.two_stage import two_stage_feature_channels, two_stage_losses
 from ssod.training.methods.mean_teacher import method_config
 from ssod.training.pseudo import QualityMeter, eval_mode, select, weak_to_strong
+from ssod.training.pseudo_geometry import resample_maps
 
 if TYPE_CHECKING:
     from ssod.training.models.base import Detector
@@ -87,6 +90,10 @@ class EfficientTeacher(Method):
         self.cfg = c = method_config(self.name, self.DEFAULTS, dict(cfg))
         if c["unsup_norm"] not in ("pseudo", "labeled"):
             raise ValueError(f"method 'efficient_teacher': unsup_norm must be pseudo or labeled, not {c['unsup_norm']!r}")
+        if c["unsup_background"] not in ("zero", "teacher"):
+            raise ValueError(
+                f"method 'efficient_teacher': unsup_background must be zero or teacher, not {c['unsup_background']!r}"
+            )
         if not 0.0 <= c["tau1"] <= c["tau2"] <= 1.0:
             raise ValueError(f"method 'efficient_teacher': need 0 <= tau1 <= tau2 <= 1, got {c['tau1']}, {c['tau2']}")
         self.names: list[str] | None = None
@@ -219,7 +226,8 @@ class EfficientTeacher(Method):
         device = unlabeled["weak"].device
         tau1, tau2 = self.thresholds(device)
         floor = adaptor.floor() if c["adaptive_thresholds"] else float(tau1.min())
-        weak = dense_teacher_detections(teacher, unlabeled["weak"], floor, c["nms_iou"], c["max_det"])
+        raw_t = teacher_raw(teacher, unlabeled["weak"])
+        weak = dense_teacher_detections(teacher, unlabeled["weak"], floor, c["nms_iou"], c["max_det"], raw=raw_t)
         bu = int(unlabeled["weak"].shape[0])
         if c["adaptive_thresholds"]:
             adaptor.observe(weak["scores"], weak["labels"], bu)
@@ -254,7 +262,15 @@ class EfficientTeacher(Method):
         # "labeled": the unlabeled half is normalised by at least the labeled half's target mass
         # (per image), so scarce pseudo labels do not scale up every background position's loss
         norm = sup["norm"] * (bu / bl) if c["unsup_norm"] == "labeled" else None
-        uns = pla([r[bl:] for r in raw], strong, ignore, min_norm=norm)
+        # "teacher": unassigned positions learn the teacher's own scores there (read through the
+        # weak->strong matrices), not 0: an object the teacher saw below tau1 is not taught as background
+        bg = None
+        if c["unsup_background"] == "teacher":
+            bg = resample_maps(
+                class_maps(raw_t, int(teacher.reg_max)), unlabeled["M_weak"], unlabeled["M_strong"],
+                int(unlabeled["strong"].shape[-1]),
+            )
+        uns = pla([r[bl:] for r in raw], strong, ignore, min_norm=norm, background=bg)
         if ignore is not None:
             self.meter.add_count("pl_ignore_regions", len(ignore["scores"]))
         out = {

@@ -42,8 +42,8 @@ if TYPE_CHECKING:
     from ssod.training.models.base import Detector
 
 __all__ = [
-    "pad_per_image", "inside_any", "localization_quality", "dense_teacher_detections", "PseudoLabelAssigner",
-    "labeled_targets",
+    "pad_per_image", "inside_any", "localization_quality", "teacher_raw", "class_maps", "dense_teacher_detections",
+    "PseudoLabelAssigner", "labeled_targets",
 ]
 
 
@@ -85,19 +85,32 @@ def localization_quality(dist_logits: torch.Tensor) -> torch.Tensor:
     return (p[..., :-1] + p[..., 1:]).amax(-1).mean(-1)
 
 
+def teacher_raw(teacher: "Detector", img: torch.Tensor) -> list[torch.Tensor]:
+    """The teacher's raw per-level head maps on ``img`` (eval mode, no grad)."""
+    with eval_mode(teacher):
+        return teacher.forward_raw(img)
+
+
+def class_maps(raw: list[torch.Tensor], reg_max: int) -> list[torch.Tensor]:
+    """Per-level class probabilities (B, nc, H, W) from raw Detect maps (box channels first)."""
+    return [x[:, 4 * int(reg_max) :].sigmoid() for x in raw]
+
+
 @torch.no_grad()
 def dense_teacher_detections(
-    teacher: "Detector", img: torch.Tensor, conf: float, iou: float, max_det: int, max_nms: int = 30000
+    teacher: "Detector", img: torch.Tensor, conf: float, iou: float, max_det: int, max_nms: int = 30000,
+    raw: list[torch.Tensor] | None = None,
 ) -> PseudoLabels:
     """Teacher detections on ``img`` with each box's DFL ``loc_quality`` (flat ``PseudoLabels``).
 
     Same decoding and class-aware NMS as ``YoloDetector.predict`` (best class per position, one
     ``batched_nms`` for the whole batch, ``max_det`` per image), but keeps track of which
-    position each box came from so its edge distributions can be scored. One teacher forward.
+    position each box came from so its edge distributions can be scored. One teacher forward,
+    or none when the caller passes the teacher's ``raw`` maps of ``img`` (``teacher_raw``).
     """
-    with eval_mode(teacher):
-        raw = teacher.forward_raw(img)
-        decoded = teacher.decode(raw)  # (B, 4 + nc, A): xywh pixels + class probabilities
+    if raw is None:
+        raw = teacher_raw(teacher, img)
+    decoded = teacher.decode(raw)  # (B, 4 + nc, A): xywh pixels + class probabilities
     r = int(teacher.reg_max)
     b, c, a = decoded.shape
     nc = c - 4
@@ -171,7 +184,7 @@ class PseudoLabelAssigner:
 
     def __call__(
         self, raw: list[torch.Tensor], targets: PseudoLabels, ignore: PseudoLabels | None = None,
-        min_norm: torch.Tensor | float | None = None,
+        min_norm: torch.Tensor | float | None = None, background: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Losses on ``raw`` (per-level (B, 4R + nc, H, W) maps) for ``targets`` in the same view.
 
@@ -184,6 +197,9 @@ class PseudoLabelAssigner:
         the normaliser ``norm`` (ultralytics': the summed target scores, at least 1) and detached
         counts ``pos_reliable``, ``pos_uncertain``, ``pos_box``, ``ignored``. ``min_norm`` raises
         the normaliser to at least that value (see ``unsup_norm`` in efficient_teacher.yaml).
+        ``background`` (B, A, nc): the classification target of positions no target is assigned
+        to, instead of 0 (``unsup_background: teacher``: the teacher's own scores there); it does
+        not count in the normaliser, which stays the assigned targets' mass.
         """
         crit = self.crit
         reg_max, nc = int(crit.reg_max), int(crit.nc)
@@ -233,6 +249,8 @@ class PseudoLabelAssigner:
         tss = cls_t.sum().clamp(min=1)
         if min_norm is not None:  # a tensor floor stays on the device: no host sync per step
             tss = torch.maximum(tss, torch.as_tensor(min_norm, dtype=tss.dtype, device=tss.device))
+        if background is not None:
+            cls_t = torch.where(fg_mask[..., None], cls_t, background.to(dtype))
 
         bce = F.binary_cross_entropy_with_logits(pred_scores, cls_t, reduction="none")
         class_weights = getattr(crit, "class_weights", None)
