@@ -15,6 +15,7 @@ from ssod.training.methods.efficient_teacher.adaptor import DomainDiscriminator,
 from ssod.training.methods.efficient_teacher.assigner import (
     PseudoLabelAssigner,
     dense_teacher_detections,
+    inside_any,
     labeled_targets,
     localization_quality,
 )
@@ -402,13 +403,13 @@ def test_teacher_background_gives_unassigned_positions_the_teacher_scores(studen
     student = copy.deepcopy(student).train()
     teacher = _confident_teacher(student)
     labeled, unlabeled = _batches()
-    seen: dict[str, tuple[dict, torch.Tensor | None, torch.Tensor]] = {}
+    seen: dict[str, tuple[dict, torch.Tensor | None, dict]] = {}
     original = PseudoLabelAssigner.__call__
     mode = ""
 
     def spy(self, raw, targets, ignore=None, min_norm=None, background=None):
         out = original(self, raw, targets, ignore, min_norm, background)
-        seen[mode] = (out, background, out["cls"].detach())
+        seen[mode] = (out, background, targets)
         return out
 
     monkeypatch.setattr(PseudoLabelAssigner, "__call__", spy)
@@ -418,17 +419,37 @@ def test_teacher_background_gives_unassigned_positions_the_teacher_scores(studen
         m.set_label_statistics([2, 1, 0], 4, names=NAMES)
         m.start_epoch()
         assert all(torch.isfinite(v) for v in m.losses(labeled, unlabeled, student, teacher).values())
-    (zero, bg0, cls0), (soft, bg, cls1) = seen["zero"], seen["teacher"]
+    (zero, bg0, _), (soft, bg, targets) = seen["zero"], seen["teacher"]
     assert bg0 is None and bg.shape == zero["cls_target"].shape == (2, 84, 3)
     lvl0, lvl1 = bg[:, :64], bg[:, 64:80]
     assert torch.allclose(lvl0[..., 0], torch.sigmoid(torch.tensor(3.0)), atol=1e-5)
     assert torch.allclose(lvl1[..., 1], torch.tensor(0.5), atol=1e-5) and float(bg[:, 80:].max()) < 1e-4
     fg = zero["cls_target"].sum(-1) > 0
     assert fg.any() and (~fg[:, 64:80]).all()  # the 0.5 boxes are under tau1: nothing assigned to them
-    assert torch.equal(soft["cls_target"], torch.where(fg[..., None], zero["cls_target"], bg))
-    assert float(soft["norm"]) == float(zero["norm"]) and float(cls1) != float(cls0)
+    # positions inside a kept pseudo box keep the zero target, the others get the teacher's
+    near = fg | inside_any(_anchor_centers(student), targets["boxes"], targets["batch_idx"], 2)
+    assert torch.equal(soft["cls_target"], torch.where(near[..., None], zero["cls_target"], bg))
+    assert float(soft["norm"]) == float(zero["norm"])
     with pytest.raises(ValueError, match="unsup_background"):
         build_method("efficient_teacher", {"unsup_background": "ignore"})
+
+
+def test_background_targets_apply_only_away_from_target_boxes(student):
+    """PLA ``background``: positions outside every target box learn it; assigned positions keep
+    their targets and unassigned ones inside a box keep 0; the normaliser ignores it."""
+    raw = [r.detach() for r in student.forward_raw(torch.rand(1, 3, S, S))]
+    pla = PseudoLabelAssigner(student.criterion())
+    box = [0.0, 0, 24, 24]
+    t = _targets([box], [0], [0.9], [True], [True])
+    bg = torch.full((1, 84, 3), 0.3)
+    plain, soft = pla(raw, t), pla(raw, t, background=bg)
+    fg = plain["cls_target"][0].sum(1) > 0
+    inside = _inside(_anchor_centers(student), box)
+    assert fg.any() and (inside & ~fg).any() and (~inside).any()
+    target = soft["cls_target"][0]
+    assert torch.equal(target[fg], plain["cls_target"][0][fg])
+    assert (target[inside & ~fg] == 0).all() and torch.allclose(target[~inside & ~fg], torch.tensor(0.3))
+    assert float(soft["norm"]) == float(plain["norm"]) and float(soft["cls"]) > float(plain["cls"])
 
 
 def test_efficient_teacher_without_adaptation_or_pseudo_boxes(student):

@@ -197,9 +197,10 @@ class PseudoLabelAssigner:
         the normaliser ``norm`` (ultralytics': the summed target scores, at least 1) and detached
         counts ``pos_reliable``, ``pos_uncertain``, ``pos_box``, ``ignored``. ``min_norm`` raises
         the normaliser to at least that value (see ``unsup_norm`` in efficient_teacher.yaml).
-        ``background`` (B, A, nc): the classification target of positions no target is assigned
-        to, instead of 0 (``unsup_background: teacher``: the teacher's own scores there); it does
-        not count in the normaliser, which stays the assigned targets' mass.
+        ``background`` (B, A, nc): the classification target of positions outside every target
+        box, instead of 0 (``unsup_background: teacher``: the teacher's own scores there, so an
+        object it missed is not taught as background; inside a target box unassigned positions
+        stay 0, as on labeled images); it does not count in the normaliser.
         """
         crit = self.crit
         reg_max, nc = int(crit.reg_max), int(crit.nc)
@@ -249,8 +250,11 @@ class PseudoLabelAssigner:
         tss = cls_t.sum().clamp(min=1)
         if min_norm is not None:  # a tensor floor stays on the device: no host sync per step
             tss = torch.maximum(tss, torch.as_tensor(min_norm, dtype=tss.dtype, device=tss.device))
-        if background is not None:
-            cls_t = torch.where(fg_mask[..., None], cls_t, background.to(dtype))
+        if background is not None:  # only away from every target box: inside one, unassigned
+            # positions stay 0 as task-aligned assignment makes them on labeled images
+            anchors_px = anchor_points * stride_tensor
+            near = fg_mask | inside_any(anchors_px, boxes, targets["batch_idx"], bsz)
+            cls_t = torch.where(near[..., None], cls_t, background.to(dtype))
 
         bce = F.binary_cross_entropy_with_logits(pred_scores, cls_t, reduction="none")
         class_weights = getattr(crit, "class_weights", None)
