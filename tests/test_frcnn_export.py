@@ -105,16 +105,19 @@ def _same_detections(a: np.ndarray, b: np.ndarray, atol: float) -> None:
     """Rows x1,y1,x2,y2,score,class equal up to how exactly tied scores are broken.
 
     A barely trained model at 64 px gives many proposals identical pooled features, hence
-    exactly equal scores (measured: 10 rows share one score); NMS and the max_det cut may then
-    keep a different member of the tie in torch and ONNX Runtime. Every other row must match.
+    exactly equal scores (measured: 10 rows share one score) or scores a few 1e-6 apart; NMS and
+    the max_det cut may then keep a different member of the tie in torch and ONNX Runtime (seen on
+    one host and not another). Every other row must match.
     """
     assert a.shape == b.shape
-    np.testing.assert_allclose(a[:, 4], b[:, 4], atol=1e-5)  # scores, sorted in both
+    score_atol = 1e-5  # torch and ONNX Runtime sum in different orders: scores agree to ~1e-6
+    np.testing.assert_allclose(a[:, 4], b[:, 4], atol=score_atol)  # scores, sorted in both
     key_a = np.concatenate([a[:, :4], a[:, 5:] * 1e4], 1)
     key_b = np.concatenate([b[:, :4], b[:, 5:] * 1e4], 1)
     dist = np.abs(key_a[:, None] - key_b[None]).max(-1)
     for rows, d in ((a, dist.min(1)), (b, dist.min(0))):
-        tied = (np.abs(rows[:, 4][:, None] - rows[:, 4][None]) < 1e-6).sum(1) > 1
+        # "tied" within the score tolerance: scores 2e-6 apart may rank either way on another CPU
+        tied = (np.abs(rows[:, 4][:, None] - rows[:, 4][None]) <= score_atol).sum(1) > 1
         assert bool(((d <= atol) | tied).all()), f"rows differ beyond tie order: {rows[(d > atol) & ~tied]}"
         assert (d <= atol).mean() >= 0.8
 
