@@ -86,6 +86,13 @@ def _check_unlabeled(u: dict, B: int) -> None:
         assert u[k].dtype == torch.float32 and u[k].shape == (B, 3, S, S)
     for k in ("M_weak", "M_strong"):
         assert u[k].dtype == torch.float32 and u[k].shape == (B, 3, 3)
+    assert u["erased"].dtype == torch.float32 and u["erased"].shape[0] == B and u["erased"].shape[2] == 4
+    for img, rects in zip(u["strong"], u["erased"]):  # the last recorded cutout is one flat gray patch
+        drawn = [r for r in rects.long().tolist() if r[2] > r[0]]
+        if drawn:
+            x1, y1, x2, y2 = drawn[-1]
+            patch = img[:, y1:y2, x1:x2]
+            assert (patch == patch[0, 0, 0]).all()
     assert u["orig_size"].dtype == torch.int64 and u["orig_size"].shape == (B, 2)
     n = len(u["gt_cls"])
     assert u["gt_boxes"].shape == (n, 4) and u["gt_boxes"].dtype == torch.float32

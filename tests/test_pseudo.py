@@ -179,3 +179,18 @@ def test_resample_maps_reads_the_weak_map_at_each_strong_cell():
     out = resample_maps(maps, eye, shifted, S)[:, :64].transpose(1, 2).reshape(2, 3, 8, 8)
     assert torch.allclose(out[..., 4:], maps[0][..., :4], atol=1e-6)
     assert (out[..., :4] == 0).all()  # the strong view's left half comes from outside the weak view
+
+
+def test_boxes_hidden_by_the_strong_views_cutouts_are_dropped():
+    """Visible = inside the view and not under a cutout; < min_visible (0.25) of the area: dropped."""
+    eye = torch.eye(3)[None]
+    u = _unlabeled(eye, eye)
+    boxes = torch.tensor([[0.0, 0, 20, 20], [30, 0, 50, 20], [0, 30, 20, 50], [40, 40, 60, 60]])
+    dets = {"boxes": boxes, "scores": torch.ones(4), "labels": torch.zeros(4, dtype=torch.long),
+            "batch_idx": torch.zeros(4, dtype=torch.long)}
+    # rect 1 hides box 0 entirely; rect 2 half of box 1; rect 3 85% of box 2; box 3 untouched
+    u["erased"] = torch.tensor([[[0.0, 0, 20, 20], [30, 0, 40, 20], [0, 30, 20, 47]]])
+    out = weak_to_strong(dets, u, min_visible=0.25)
+    assert out["boxes"].tolist() == [[30.0, 0, 50, 20], [40, 40, 60, 60]]
+    u["erased"] = torch.zeros(1, 3, 4)  # no cutouts: all kept
+    assert len(weak_to_strong(dets, u, min_visible=0.25)["boxes"]) == 4

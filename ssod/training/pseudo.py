@@ -16,7 +16,7 @@ import torch
 from torchvision.ops import box_iou
 
 from ssod.training.data.batch import Batch
-from ssod.training.pseudo_geometry import clip_and_filter, map_boxes
+from ssod.training.pseudo_geometry import clip_and_filter, erased_area, map_boxes
 
 if TYPE_CHECKING:
     from ssod.training.models.base import Detections, Detector
@@ -84,13 +84,21 @@ def weak_to_strong(
 ) -> PseudoLabels:
     """Move weak-view boxes into the strong view; drop boxes that left it or became degenerate.
 
-    Every other per-box tensor in ``pseudo`` is filtered with the same mask.
+    Boxes with less than ``min_visible`` of their mapped area left visible — outside the view or
+    under the strong view's cutouts (``erased``, when the batch has it) — are dropped too: the
+    student cannot see them, and a label on a gray patch teaches hallucination. Every other
+    per-box tensor in ``pseudo`` is filtered with the same mask.
     """
     imgsz = int(unlabeled["strong"].shape[-1])
     if pseudo["boxes"].numel() == 0:
         return {k: v for k, v in pseudo.items()}
     mapped = map_boxes(pseudo["boxes"], pseudo["batch_idx"], unlabeled["M_weak"], unlabeled["M_strong"])
     clipped, keep = clip_and_filter(mapped, imgsz, min_size=min_size, min_visible=min_visible)
+    if "erased" in unlabeled:
+        area = ((mapped[:, 2] - mapped[:, 0]) * (mapped[:, 3] - mapped[:, 1])).clamp(min=1e-9)
+        inside = (clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1])
+        hidden = erased_area(clipped, pseudo["batch_idx"], unlabeled["erased"])
+        keep &= (inside - hidden) >= min_visible * area
     out = select(pseudo, keep)
     out["boxes"] = clipped[keep]
     return out

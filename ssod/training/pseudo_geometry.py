@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["view_to_view", "map_boxes", "clip_and_filter", "resample_maps"]
+__all__ = ["view_to_view", "map_boxes", "clip_and_filter", "erased_area", "resample_maps"]
 
 
 def view_to_view(M_from: torch.Tensor, M_to: torch.Tensor) -> torch.Tensor:
@@ -55,6 +55,21 @@ def clip_and_filter(
     area_m = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     keep = (cw >= min_size) & (ch >= min_size) & (area_m > 0) & (cw * ch >= min_visible * area_m)
     return clipped, keep
+
+
+def erased_area(boxes: torch.Tensor, batch_idx: torch.Tensor, erased: torch.Tensor) -> torch.Tensor:
+    """(N,) area of each xyxy box covered by its image's erased rectangles ``erased`` (B, K, 4).
+
+    The sum of the K intersections: exact when the rectangles do not overlap each other, an
+    upper bound when they do (then a box counts as a little more hidden than it is).
+    """
+    if boxes.numel() == 0:
+        return boxes.new_zeros(0)
+    r = erased.to(boxes)[batch_idx.long()]  # (N, K, 4)
+    b = boxes[:, None]
+    w = (torch.minimum(b[..., 2], r[..., 2]) - torch.maximum(b[..., 0], r[..., 0])).clamp(min=0)
+    h = (torch.minimum(b[..., 3], r[..., 3]) - torch.maximum(b[..., 1], r[..., 1])).clamp(min=0)
+    return (w * h).sum(1)
 
 
 def resample_maps(maps: list[torch.Tensor], M_from: torch.Tensor, M_to: torch.Tensor, canvas: int) -> torch.Tensor:

@@ -21,6 +21,8 @@ Labeled batch (dict), produced by ``LabeledDataset`` + ``collate_labeled``:
 Unlabeled batch (dict), produced by ``UnlabeledDataset`` + ``collate_unlabeled``:
     weak, strong          float32 (B, 3, S, S)
     M_weak, M_strong      float32 (B, 3, 3)
+    erased                float32 (B, K, 4) the strong view's cutout rectangles, xyxy pixels
+                          (zero rows: none); pseudo boxes they hide are dropped
     orig_size, paths, skipped   as above
     gt_boxes, gt_cls, gt_batch_idx   hidden labels mapped into the *weak* view when the dataset
                                      has them (demo data does), else empty tensors
@@ -37,6 +39,6 @@ Batch = dict[str, Any]
 
 LABELED_KEYS = ("img", "boxes", "cls", "batch_idx", "M", "orig_size", "paths", "skipped")
 UNLABELED_KEYS = (
-    "weak", "strong", "M_weak", "M_strong", "orig_size", "paths", "skipped",
+    "weak", "strong", "M_weak", "M_strong", "erased", "orig_size", "paths", "skipped",
     "gt_boxes", "gt_cls", "gt_batch_idx",
 )

@@ -263,7 +263,10 @@ class UnlabeledDataset(_ImageSource, Dataset):
         skipped: list[tuple[str, str]] = []
         i, img, hw = self._load_fallback(i, skipped)
         S = self.imgsz
-        weak, M_w, strong, M_s = make_weak_strong(img, S, self.weak, self.strong, rng, orig_hw=hw)
+        erased: list[tuple[float, float, float, float]] = []
+        weak, M_w, strong, M_s = make_weak_strong(img, S, self.weak, self.strong, rng, orig_hw=hw, erased=erased)
+        rects = np.zeros((len(self.strong.cutouts), 4), np.float32)  # fixed K: zero rows erase nothing
+        rects[: len(erased)] = np.asarray(erased, np.float32).reshape(-1, 4)
         sample = self.hidden.get(self.paths[i])
         if sample is not None:
             gt_boxes, gt_cls = filter_boxes(*_boxes_px(sample, hw), M_w, S)
@@ -274,6 +277,7 @@ class UnlabeledDataset(_ImageSource, Dataset):
             "strong": _chw(strong),
             "M_weak": torch.from_numpy(M_w.astype(np.float32)),
             "M_strong": torch.from_numpy(M_s.astype(np.float32)),
+            "erased": torch.from_numpy(rects),
             "orig_size": torch.tensor(hw, dtype=torch.int64),
             "path": self.paths[i],
             "skipped": skipped,
@@ -321,6 +325,7 @@ def collate_unlabeled(items: list[dict[str, Any]]) -> Batch:
         "strong": _images(items, "strong"),
         "M_weak": torch.stack([it["M_weak"] for it in items]).float(),
         "M_strong": torch.stack([it["M_strong"] for it in items]).float(),
+        "erased": torch.stack([it["erased"] for it in items]).float(),
         "orig_size": torch.stack([it["orig_size"] for it in items]).long(),
         "paths": [it["path"] for it in items],
         "skipped": _skipped(items),

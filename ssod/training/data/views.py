@@ -279,13 +279,15 @@ def gaussian_blur(img: np.ndarray, sigma: float, ksize: int) -> np.ndarray:
 
 def cutout(
     img: np.ndarray, area: tuple[float, float], ratio: tuple[float, float],
-    rng: np.random.Generator,
+    rng: np.random.Generator, erased: list[tuple[float, float, float, float]] | None = None,
 ) -> np.ndarray:
     """Erase one random rectangle (RandomErasing's area/aspect sampling, 10 tries).
 
     The fill is one uniformly random gray level per rectangle: a constant patch hides the
     content like torchvision's per-pixel noise does, costs nothing and, unlike the dataset
-    mean (~114, the pad colour), cannot be confused with the letterbox border.
+    mean (~114, the pad colour), cannot be confused with the letterbox border. The erased
+    rectangle (xyxy pixels) is appended to ``erased`` when given, so that pseudo boxes it hides
+    can be dropped (``pseudo.weak_to_strong``): a label on a gray patch teaches hallucination.
     """
     H, W = img.shape[:2]
     log_r = (math.log(ratio[0]), math.log(ratio[1]))
@@ -299,12 +301,18 @@ def cutout(
             x = int(rng.integers(0, W - w + 1))
             out = img.copy()
             out[y:y + h, x:x + w] = int(rng.integers(0, 256))
+            if erased is not None:
+                erased.append((float(x), float(y), float(x + w), float(y + h)))
             return out
     return img
 
 
-def strong_photometric(img: np.ndarray, aug: StrongAug, rng: np.random.Generator) -> np.ndarray:
-    """SED's photometric chain: colour jitter, grayscale, blur, then the cutout passes."""
+def strong_photometric(
+    img: np.ndarray, aug: StrongAug, rng: np.random.Generator,
+    erased: list[tuple[float, float, float, float]] | None = None,
+) -> np.ndarray:
+    """SED's photometric chain: colour jitter, grayscale, blur, then the cutout passes (their
+    rectangles appended to ``erased`` when given)."""
     if rng.random() < aug.color_jitter_p:
         img = color_jitter(img, aug.brightness, aug.contrast, aug.saturation, aug.hue, rng)
     if rng.random() < aug.grayscale_p:
@@ -314,7 +322,7 @@ def strong_photometric(img: np.ndarray, aug: StrongAug, rng: np.random.Generator
         img = gaussian_blur(img, sigma, blur_kernel_size(img.shape[0]))
     for p, area, ratio in aug.cutouts:
         if rng.random() < p:
-            img = cutout(img, area, ratio, rng)
+            img = cutout(img, area, ratio, rng, erased)
     return img
 
 
@@ -364,9 +372,11 @@ def make_weak_strong(
     strong: StrongAug,
     rng: np.random.Generator,
     orig_hw: tuple[int, int] | None = None,
+    erased: list[tuple[float, float, float, float]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Two independent geometric draws from the original; the strong one also gets the
-    photometric chain. Returns ``(weak_img, M_weak, strong_img, M_strong)``.
+    photometric chain. Returns ``(weak_img, M_weak, strong_img, M_strong)``; the strong view's
+    cutout rectangles are appended to ``erased`` when given.
 
     ``img`` may be a resized copy (``shrink``) of an original of size ``orig_hw``; the
     matrices always refer to the original's pixels.
@@ -379,7 +389,7 @@ def make_weak_strong(
         strong.shear,
     )
     weak_img = warp(img, M_weak @ src, imgsz)
-    strong_img = strong_photometric(warp(img, M_strong @ src, imgsz), strong, rng)
+    strong_img = strong_photometric(warp(img, M_strong @ src, imgsz), strong, rng, erased)
     return weak_img, M_weak, strong_img, M_strong
 
 
