@@ -16,7 +16,7 @@ import torch
 from torchvision.ops import box_iou
 
 from ssod.training.data.batch import Batch
-from ssod.training.pseudo_geometry import clip_and_filter, erased_area, map_boxes
+from ssod.training.pseudo_geometry import clip_and_filter, map_boxes
 
 if TYPE_CHECKING:
     from ssod.training.models.base import Detections, Detector
@@ -93,12 +93,10 @@ def weak_to_strong(
     if pseudo["boxes"].numel() == 0:
         return {k: v for k, v in pseudo.items()}
     mapped = map_boxes(pseudo["boxes"], pseudo["batch_idx"], unlabeled["M_weak"], unlabeled["M_strong"])
-    clipped, keep = clip_and_filter(mapped, imgsz, min_size=min_size, min_visible=min_visible)
-    if "erased" in unlabeled:
-        area = ((mapped[:, 2] - mapped[:, 0]) * (mapped[:, 3] - mapped[:, 1])).clamp(min=1e-9)
-        inside = (clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1])
-        hidden = erased_area(clipped, pseudo["batch_idx"], unlabeled["erased"])
-        keep &= (inside - hidden) >= min_visible * area
+    clipped, keep = clip_and_filter(
+        mapped, imgsz, min_size=min_size, min_visible=min_visible,
+        erased=unlabeled.get("erased"), batch_idx=pseudo["batch_idx"],
+    )
     out = select(pseudo, keep)
     out["boxes"] = clipped[keep]
     return out

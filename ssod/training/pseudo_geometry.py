@@ -41,10 +41,12 @@ def map_boxes(
 
 
 def clip_and_filter(
-    boxes: torch.Tensor, imgsz: int, min_size: float = 2.0, min_visible: float = 0.25
+    boxes: torch.Tensor, imgsz: int, min_size: float = 2.0, min_visible: float = 0.25,
+    erased: torch.Tensor | None = None, batch_idx: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Clip mapped boxes to the ``imgsz`` canvas; keep those still ``min_size`` px wide/high
-    with at least ``min_visible`` of their (unclipped) mapped area inside.
+    with at least ``min_visible`` of their (unclipped) mapped area visible: inside the canvas
+    and, when ``erased`` (B, K, 4) rectangles of image ``batch_idx`` are given, not under them.
 
     Returns ``(clipped_boxes (N,4), keep (N,) bool)``; the caller indexes boxes, scores and
     labels with the same mask.
@@ -53,7 +55,10 @@ def clip_and_filter(
     cw = clipped[:, 2] - clipped[:, 0]
     ch = clipped[:, 3] - clipped[:, 1]
     area_m = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    keep = (cw >= min_size) & (ch >= min_size) & (area_m > 0) & (cw * ch >= min_visible * area_m)
+    visible = cw * ch
+    if erased is not None and batch_idx is not None:
+        visible = visible - erased_area(clipped, batch_idx, erased)
+    keep = (cw >= min_size) & (ch >= min_size) & (area_m > 0) & (visible >= min_visible * area_m)
     return clipped, keep
 
 

@@ -215,6 +215,7 @@ class PseudoLabelAssigner:
 
         stride = crit.stride.to(device)
         anchor_points, stride_tensor = make_anchors(raw, stride, 0.5)
+        anchors_px = anchor_points * stride_tensor
         imgsz = torch.tensor(raw[0].shape[2:], device=device, dtype=dtype) * stride[0]
         pred_bboxes = crit.bbox_decode(anchor_points, pred_distri)  # xyxy grid units (B, A, 4)
 
@@ -237,7 +238,7 @@ class PseudoLabelAssigner:
         target_labels, target_bboxes, target_scores, fg_mask, target_gt_idx = crit.assigner(
             pred_scores.detach().sigmoid(),
             (pred_bboxes.detach() * stride_tensor).type(gt_bboxes.dtype),
-            anchor_points * stride_tensor,
+            anchors_px,
             gt_labels,
             gt_bboxes,
             mask[..., None].float(),
@@ -252,7 +253,6 @@ class PseudoLabelAssigner:
             tss = torch.maximum(tss, torch.as_tensor(min_norm, dtype=tss.dtype, device=tss.device))
         if background is not None:  # only away from every target box: inside one, unassigned
             # positions stay 0 as task-aligned assignment makes them on labeled images
-            anchors_px = anchor_points * stride_tensor
             near = fg_mask | inside_any(anchors_px, boxes, targets["batch_idx"], bsz)
             cls_t = torch.where(near[..., None], cls_t, background.to(dtype))
 
@@ -262,7 +262,7 @@ class PseudoLabelAssigner:
             bce = bce * class_weights
         ignored = torch.zeros_like(fg_mask)
         if ignore is not None and ignore["boxes"].numel():
-            ignored = inside_any(anchor_points * stride_tensor, ignore["boxes"], ignore["batch_idx"], bsz) & ~fg_mask
+            ignored = inside_any(anchors_px, ignore["boxes"], ignore["batch_idx"], bsz) & ~fg_mask
             bce = bce * (~ignored)[..., None].to(bce.dtype)
         loss_cls = bce.sum() / tss
         loss_box, loss_dfl = crit.bbox_loss(
