@@ -225,6 +225,42 @@ def test_epoch_adaptor_memory_is_bounded():
     assert a.hist.shape == (3, 100) and int(a.hist.sum()) == 50000
 
 
+def test_first_threshold_update_comes_early_then_once_per_epoch():
+    """The first thresholds come after ``first_update_images`` images, not after a whole epoch at
+    the defaults; then only epoch ends update them, and a resumed run does not update early again."""
+    m = build_method("efficient_teacher", {"first_update_images": 8, "domain_adaptation": False})
+    m.set_label_statistics([2, 1, 0], 1, names=NAMES)  # 2 a + 1 b boxes per labeled image
+    a = m.adaptor
+    step = (torch.tensor([0.45, 0.4, 0.2, 0.3]), torch.tensor([0, 0, 0, 1]))  # one image's teacher boxes
+    m.start_epoch()
+    for _ in range(7):
+        m.observe_teacher(a, *step, n_images=1)
+    assert a.tau1.tolist() == pytest.approx([0.1] * 3) and m.adaptor_updates == 0  # 7 < 8 images: defaults
+    m.observe_teacher(a, *step, n_images=1)
+    # 8 images: class a wants 16 of its 24 boxes -> tau1 = the 16th best score (0.4); b: all 8 (0.3)
+    assert m.adaptor_updates == 1 and a.tau1[0] == pytest.approx(0.4, abs=2e-3)
+    assert a.tau1[1] == pytest.approx(0.3, abs=2e-3) and a.tau1[2] == pytest.approx(0.1)  # c: no scores -> default
+    assert m.log_values()["tau1_a"] == pytest.approx(0.4, abs=2e-3)  # the log shows what the epoch ran with
+    early = a.tau1.clone()
+    for _ in range(20):
+        m.observe_teacher(a, torch.tensor([0.99] * 4), torch.zeros(4, dtype=torch.long), n_images=1)
+    assert torch.equal(a.tau1, early)  # no second early update
+    assert m.end_epoch() and m.adaptor_updates == 2 and not torch.equal(a.tau1, early)
+
+    resumed = build_method("efficient_teacher", {"first_update_images": 8, "domain_adaptation": False})
+    resumed.load_state_dict(m.state_dict())
+    resumed.set_label_statistics([2, 1, 0], 1, names=NAMES)
+    for _ in range(10):
+        resumed.observe_teacher(resumed.adaptor, *step, n_images=1)
+    assert resumed.adaptor_updates == 2 and torch.equal(resumed.adaptor.tau1, a.tau1)
+
+    paper = build_method("efficient_teacher", {"first_update_images": 0, "domain_adaptation": False})
+    paper.set_label_statistics([2, 1, 0], 1, names=NAMES)
+    for _ in range(50):
+        paper.observe_teacher(paper.adaptor, *step, n_images=1)
+    assert paper.adaptor_updates == 0 and paper.adaptor.tau1.tolist() == pytest.approx([0.1] * 3)
+
+
 # ------------------------------------------------------------------------------- gradient reversal
 def test_gradient_reversal_flips_the_sign_with_coefficient():
     x = torch.randn(5, requires_grad=True)

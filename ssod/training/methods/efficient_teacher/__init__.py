@@ -18,7 +18,10 @@ One step after burn-in:
     L = L_sup + lambda_u * (w_cls L_u^cls + w_box L_u^box + w_dfl L_u^dfl) + da_weight * L_da
 
 At each epoch end the Epoch Adaptor recomputes tau1[c], tau2[c] from that epoch's teacher
-scores and the labeled class counts. Losses follow ultralytics' scale (sums over images, as
+scores and the labeled class counts. The paper leaves the first SSOD epoch at the configured
+defaults (0.1 / 0.6); on a large unlabeled set that is a long stretch of thresholds the teacher
+has never been measured against, so the first update comes after ``first_update_images``
+unlabeled images (the same formula over the images seen so far; 0 = the paper's behaviour). Losses follow ultralytics' scale (sums over images, as
 ``Detector.loss``), so ``lambda_u`` and ``da_weight`` mean what the paper's do.
 """
 
@@ -106,6 +109,7 @@ class EfficientTeacher(Method):
         self.da_acc: list[float] = []
         self.step_log: dict[str, float] = {}
         self._warned = False
+        self.adaptor_updates = 0  # threshold updates so far (the early first one included)
 
     # --------------------------------------------------------------------------- setup
     def _ensure(self, names: list[str]) -> EpochAdaptor:
@@ -177,7 +181,19 @@ class EfficientTeacher(Method):
             if self.adaptor is not None:
                 self.adaptor.reset()
             return False
-        return self.adaptor.update()
+        updated = self.adaptor.update()
+        self.adaptor_updates += int(updated)
+        return updated
+
+    def observe_teacher(self, adaptor: EpochAdaptor, scores: torch.Tensor, labels: torch.Tensor, n_images: int) -> None:
+        """Feed one step's teacher scores to the adaptor; the very first update comes early, after
+        ``first_update_images`` images, instead of a whole epoch at the default thresholds."""
+        adaptor.observe(scores, labels, n_images)
+        first = int(self.cfg["first_update_images"])
+        if first > 0 and self.adaptor_updates == 0 and adaptor.images >= first and adaptor.update():
+            self.adaptor_updates = 1
+            self._epoch_tau = self._tau_lists()  # what this epoch mostly ran with, for the log
+            LOG.info("efficient_teacher: first per-class thresholds from %d unlabeled images", first)
 
     def thresholds(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """Current (tau1, tau2) per class; fixed at the configured values without the adaptor."""
@@ -230,7 +246,7 @@ class EfficientTeacher(Method):
         weak = dense_teacher_detections(teacher, unlabeled["weak"], floor, c["nms_iou"], c["max_det"], raw=raw_t)
         bu = int(unlabeled["weak"].shape[0])
         if c["adaptive_thresholds"]:
-            adaptor.observe(weak["scores"], weak["labels"], bu)
+            self.observe_teacher(adaptor, weak["scores"], weak["labels"], bu)
         low = select(weak, weak["scores"] < tau1[weak["labels"]]) if c["ignore_low_score"] else None
         weak = select(weak, weak["scores"] >= tau1[weak["labels"]])
         weak["reliable"] = weak["scores"] >= tau2[weak["labels"]]
@@ -308,9 +324,11 @@ class EfficientTeacher(Method):
         if self.adaptor is None:
             return dict(self._pending_state)
         t1, t2 = self._tau_lists()
-        return {"tau1": t1, "tau2": t2, "adaptive": bool(self.cfg["adaptive_thresholds"])}
+        return {"tau1": t1, "tau2": t2, "adaptive": bool(self.cfg["adaptive_thresholds"]),
+                "updates": self.adaptor_updates}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.adaptor_updates = int(state.get("updates", 0))
         state = {k: state[k] for k in ("tau1", "tau2") if k in state}
         if self.adaptor is None:
             self._pending_state = state

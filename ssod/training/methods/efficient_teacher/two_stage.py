@@ -122,7 +122,7 @@ def two_stage_losses(
     weak = teacher_detections(teacher, unlabeled["weak"], floor, c["nms_iou"], c["max_det"])
     bu, bl = int(unlabeled["weak"].shape[0]), int(labeled["img"].shape[0])
     if c["adaptive_thresholds"]:
-        adaptor.observe(weak["scores"], weak["labels"], bu)
+        m.observe_teacher(adaptor, weak["scores"], weak["labels"], bu)
     weak = select(weak, weak["scores"] >= tau1[weak["labels"]])
     weak["reliable"] = weak["scores"] >= tau2[weak["labels"]]
     m.meter.add_images(bu)
