@@ -21,8 +21,9 @@ At each epoch end the Epoch Adaptor recomputes tau1[c], tau2[c] from that epoch'
 scores and the labeled class counts. The paper leaves the first SSOD epoch at the configured
 defaults (0.1 / 0.6); on a large unlabeled set that is a long stretch of thresholds the teacher
 has never been measured against, so the first update comes after ``first_update_images``
-unlabeled images (the same formula over the images seen so far; 0 = the paper's behaviour). Losses follow ultralytics' scale (sums over images, as
-``Detector.loss``), so ``lambda_u`` and ``da_weight`` mean what the paper's do.
+unlabeled images (the same formula over the images seen so far; 0 = the paper's behaviour).
+Losses follow ultralytics' scale (sums over images, as ``Detector.loss``), so ``lambda_u`` and
+``da_weight`` mean what the paper's do.
 """
 
 from __future__ import annotations
