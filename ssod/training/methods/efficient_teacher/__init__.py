@@ -19,9 +19,10 @@ One step after burn-in:
 
 At each epoch end the Epoch Adaptor recomputes tau1[c], tau2[c] from that epoch's teacher
 scores and the labeled class counts. The paper leaves the first SSOD epoch at the configured
-defaults (0.1 / 0.6); on a large unlabeled set that is a long stretch of thresholds the teacher
-has never been measured against, so the first update comes after ``first_update_images``
-unlabeled images (the same formula over the images seen so far; 0 = the paper's behaviour).
+defaults (0.1 / 0.6), which on a very large unlabeled set is a long stretch of thresholds never
+measured against the teacher: ``first_update_images`` N > 0 brings the first update forward to
+after N unlabeled images (the same formula over the images seen so far). The default, 0, is the
+paper's behaviour: N = 256 measured no gain on the demo benchmark (docs/benchmarks.md, Run 6).
 Losses follow ultralytics' scale (sums over images, as ``Detector.loss``), so ``lambda_u`` and
 ``da_weight`` mean what the paper's do.
 """
