@@ -56,6 +56,8 @@ EXTRA_ROWS = {
     "et_cls_only": ("efficient_teacher", 0.1, {"unsup_box_weight": 0.0, "unsup_dfl_weight": 0.0}),
     # the first per-class thresholds after 256 unlabeled images instead of a whole epoch (Run 6: no gain)
     "et_first_update_early": ("efficient_teacher", 0.1, {"first_update_images": 256}),
+    # diagnostic upper bound: the hidden labels as perfect pseudo labels through the same loss path
+    "et_hidden_labels": ("efficient_teacher", 0.1, {"pseudo_source": "hidden_labels"}),
 }
 
 

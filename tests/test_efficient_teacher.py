@@ -413,6 +413,38 @@ def test_efficient_teacher_losses_end_to_end(student):
     assert fresh.state_dict()["tau1"] == state["tau1"]
 
 
+def test_hidden_labels_pseudo_source_replaces_the_teacher_boxes(student, monkeypatch):
+    """The diagnostic ``pseudo_source: hidden_labels``: the unlabeled loss gets exactly the hidden
+    box (weak view, mapped into the strong one) as a reliable target, whatever the teacher says;
+    without hidden labels in the data it refuses to start."""
+    student = copy.deepcopy(student).train()
+    teacher = _confident_teacher(student)  # would give many boxes of classes 0 and 1
+    labeled, unlabeled = _batches()
+    seen: list[dict] = []
+    original = PseudoLabelAssigner.__call__
+
+    def spy(self, raw, targets, ignore=None, min_norm=None, background=None):
+        seen.append(targets)
+        return original(self, raw, targets, ignore, min_norm, background)
+
+    monkeypatch.setattr(PseudoLabelAssigner, "__call__", spy)
+    m = build_method("efficient_teacher", {"domain_adaptation": False, "pseudo_source": "hidden_labels"})
+    m.set_label_statistics([2, 1, 0], 4, names=NAMES)
+    m.start_epoch()
+    losses = m.losses(labeled, unlabeled, student, teacher)
+    assert all(torch.isfinite(v) for v in losses.values()) and float(losses["unsup_cls"].detach()) > 0
+    pseudo = seen[1]  # labeled call first, then the unlabeled one
+    flipped = torch.tensor([[S - 24.0, 8, S - 8, 24]])  # M_weak is a horizontal flip, M_strong the identity
+    assert torch.allclose(pseudo["boxes"], flipped) and pseudo["labels"].tolist() == [0]
+    assert pseudo["reliable"].tolist() == [True] and pseudo["batch_idx"].tolist() == [0]
+    assert m.log_values()["pl_precision"] == 1.0
+    with pytest.raises(ValueError, match="pseudo_source"):
+        build_method("efficient_teacher", {"pseudo_source": "oracle"})
+    spec = type("Spec", (), {"names": NAMES, "train": [], "unlabeled_hidden": None})()
+    with pytest.raises(ValueError, match="hidden_labels"):
+        m.set_dataset(spec)
+
+
 def test_ignore_low_score_turns_sub_tau1_boxes_into_ignore_regions(student):
     """tau1 above the teacher's 0.5 class-b boxes: off -> they are background, on -> ignored."""
     student = copy.deepcopy(student).train()

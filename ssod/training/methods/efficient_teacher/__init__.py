@@ -51,7 +51,7 @@ from ssod.training.methods.efficient_teacher.assigner import (
 )
 from ssod.training.methods.efficient_teacher.two_stage import two_stage_feature_channels, two_stage_losses
 from ssod.training.methods.mean_teacher import method_config
-from ssod.training.pseudo import QualityMeter, eval_mode, select, weak_to_strong
+from ssod.training.pseudo import QualityMeter, eval_mode, hidden_pseudo_labels, select, weak_to_strong
 from ssod.training.pseudo_geometry import resample_maps
 
 if TYPE_CHECKING:
@@ -99,6 +99,10 @@ class EfficientTeacher(Method):
             raise ValueError(
                 f"method 'efficient_teacher': unsup_background must be zero or teacher, not {c['unsup_background']!r}"
             )
+        if c["pseudo_source"] not in ("teacher", "hidden_labels"):
+            raise ValueError(
+                f"method 'efficient_teacher': pseudo_source must be teacher or hidden_labels, not {c['pseudo_source']!r}"
+            )
         if not 0.0 <= c["tau1"] <= c["tau2"] <= 1.0:
             raise ValueError(f"method 'efficient_teacher': need 0 <= tau1 <= tau2 <= 1, got {c['tau1']}, {c['tau2']}")
         self.names: list[str] | None = None
@@ -131,6 +135,11 @@ class EfficientTeacher(Method):
 
     def set_dataset(self, spec: Any) -> None:
         """Labeled class counts and image count from a ``DatasetSpec`` (the adaptor's prior)."""
+        if self.cfg["pseudo_source"] == "hidden_labels" and not getattr(spec, "unlabeled_hidden", None):
+            raise ValueError(
+                "method 'efficient_teacher': pseudo_source hidden_labels needs `hidden_labels:` in the data "
+                "yaml (the unlabeled images' ground truth, a diagnostic only)"
+            )
         nc = len(spec.names)
         cls = [np.asarray(s.cls, dtype=np.int64).reshape(-1) for s in spec.train]
         counts = np.bincount(np.concatenate(cls) if cls else np.zeros(0, np.int64), minlength=nc)[:nc]
@@ -249,6 +258,8 @@ class EfficientTeacher(Method):
         bu = int(unlabeled["weak"].shape[0])
         if c["adaptive_thresholds"]:
             self.observe_teacher(adaptor, weak["scores"], weak["labels"], bu)
+        if c["pseudo_source"] == "hidden_labels":
+            weak = hidden_pseudo_labels(unlabeled)
         low = select(weak, weak["scores"] < tau1[weak["labels"]]) if c["ignore_low_score"] else None
         weak = select(weak, weak["scores"] >= tau1[weak["labels"]])
         weak["reliable"] = weak["scores"] >= tau2[weak["labels"]]

@@ -44,7 +44,9 @@ from ssod.training.methods.two_stage.common import (
     slice_feats,
     slice_images,
 )
-from ssod.training.pseudo import PseudoLabels, eval_mode, select, teacher_detections, weak_to_strong
+from ssod.training.pseudo import (
+    PseudoLabels, eval_mode, hidden_pseudo_labels, select, teacher_detections, weak_to_strong,
+)
 
 if TYPE_CHECKING:
     from ssod.training.methods.efficient_teacher import EfficientTeacher
@@ -123,6 +125,8 @@ def two_stage_losses(
     bu, bl = int(unlabeled["weak"].shape[0]), int(labeled["img"].shape[0])
     if c["adaptive_thresholds"]:
         m.observe_teacher(adaptor, weak["scores"], weak["labels"], bu)
+    if c["pseudo_source"] == "hidden_labels":
+        weak = hidden_pseudo_labels(unlabeled)
     weak = select(weak, weak["scores"] >= tau1[weak["labels"]])
     weak["reliable"] = weak["scores"] >= tau2[weak["labels"]]
     m.meter.add_images(bu)
