@@ -58,6 +58,7 @@ EXTRA_ROWS = {
     "et_first_update_early": ("efficient_teacher", 0.1, {"first_update_images": 256}),
     # diagnostic upper bound: the hidden labels as perfect pseudo labels through the same loss path
     "et_hidden_labels": ("efficient_teacher", 0.1, {"pseudo_source": "hidden_labels"}),
+    "et_hidden_labels_lambda1": ("efficient_teacher", 0.1, {"pseudo_source": "hidden_labels", "lambda_u": 1.0}),
 }
 
 
