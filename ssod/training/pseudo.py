@@ -68,10 +68,11 @@ def concat_detections(dets: list["Detections"], device: torch.device | str | Non
 def hidden_pseudo_labels(unlabeled: Batch) -> PseudoLabels:
     """The unlabeled batch's hidden labels (weak view) as score-1 pseudo labels: a diagnostic upper
     bound that runs the unsupervised loss path on perfect pseudo labels."""
-    boxes = unlabeled["gt_boxes"].float().reshape(-1, 4)
-    ones = torch.ones(len(boxes), device=boxes.device)
-    return {"boxes": boxes, "scores": ones, "labels": unlabeled["gt_cls"].long().reshape(-1),
-            "batch_idx": unlabeled["gt_batch_idx"].long().reshape(-1), "loc_quality": ones.clone()}
+    device = unlabeled["weak"].device  # the loader's gt tensors stay on the CPU; the loss runs where the images are
+    boxes = unlabeled["gt_boxes"].to(device, torch.float32).reshape(-1, 4)
+    ones = torch.ones(len(boxes), device=device)
+    return {"boxes": boxes, "scores": ones, "labels": unlabeled["gt_cls"].to(device, torch.long).reshape(-1),
+            "batch_idx": unlabeled["gt_batch_idx"].to(device, torch.long).reshape(-1), "loc_quality": ones.clone()}
 
 
 def select(pseudo: PseudoLabels, keep: torch.Tensor) -> PseudoLabels:
