@@ -136,6 +136,9 @@ def main(rows: dict = ROWS, cost_methods: tuple[str, ...] = ("efficient_teacher"
     ap.add_argument("--out", default="runs/bench-ssod")
     ap.add_argument("--data-root", default="runs/bench-data")
     ap.add_argument("--no-cost", action="store_true")
+    ap.add_argument("--burn-in-from", default=None,
+                    help="fork SSOD rows from this checkpoint (e.g. a running supervised row's epoch<burn-in>.pt) "
+                         "instead of waiting for the supervised row to finish")
     ap.set_defaults(**defaults)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -156,7 +159,9 @@ def main(rows: dict = ROWS, cost_methods: tuple[str, ...] = ("efficient_teacher"
             raise SystemExit(f"unknown row '{row}': choose from {', '.join([*rows, *EXTRA_ROWS])}")
         method, ratio, mcfg = rows.get(row) or EXTRA_ROWS[row]
         kw = {}
-        if method != "supervised" and args.burn_in > 0:
+        if method != "supervised" and args.burn_in > 0 and args.burn_in_from:
+            kw["burn_in_from"] = args.burn_in_from
+        elif method != "supervised" and args.burn_in > 0:
             results = {**_read_results(results_path), **results}  # another process may have finished it
             if "supervised" not in results:
                 raise SystemExit(f"row {row} starts after the supervised row's burn-in: run 'supervised' first")

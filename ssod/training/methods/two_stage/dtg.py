@@ -51,7 +51,6 @@ from ssod.training.methods.two_stage.common import (
     image_index,
     map_rows,
     proposals_from_raw,
-    require_two_stage,
     roi_encode,
     rpn_decode_all,
     split_rows,
@@ -92,16 +91,12 @@ class DTG(SeededStepMethod):
     def losses(
         self, labeled: Batch, unlabeled: Batch | None, student: "Detector", teacher: "Detector | None"
     ) -> dict[str, Tensor]:
-        sup, parts = student.loss(labeled)
-        self.step_log = {f"sup_{k}": float(v) for k, v in parts.items()}
-        if self.burn_in or unlabeled is None or teacher is None:
+        sup, unsupervised = self.supervised_step(labeled, unlabeled, student, teacher)
+        if not unsupervised:
             return {"sup": sup}
-        require_two_stage(student, self.name)
-        require_two_stage(teacher, self.name)
         c = self.cfg
         weak_img, strong_img = unlabeled["weak"], unlabeled["strong"]
         device, bu, imgsz = weak_img.device, int(weak_img.shape[0]), int(strong_img.shape[-1])
-        self._steps += 1
         gen = self._generator(device)
 
         # teacher: one backbone + RPN pass on the weak view, R-CNN on its own proposals

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import Tensor
 
+from ssod.training.data.batch import Batch
 from ssod.training.engine.hooks import Hook
 from ssod.training.methods.base import Method
 from ssod.training.methods.mean_teacher import MeterHook
+from ssod.training.methods.two_stage.common import require_two_stage
 from ssod.training.pseudo import QualityMeter
+
+if TYPE_CHECKING:
+    from ssod.training.models.base import Detector
 
 
 class SeededStepMethod(Method):
@@ -27,6 +33,23 @@ class SeededStepMethod(Method):
 
     def start_epoch(self) -> None:
         self.meter.reset()
+
+    def supervised_step(
+        self, labeled: Batch, unlabeled: Batch | None, student: "Detector", teacher: "Detector | None"
+    ) -> tuple[Tensor, bool]:
+        """The supervised loss (its parts go to the step log) and whether the unlabeled part runs.
+
+        It does not during burn-in, nor without unlabeled images or a teacher. When it does, both
+        models must be two-stage and the step counter, the seed of this step's draws, advances.
+        """
+        sup, parts = student.loss(labeled)
+        self.step_log = {f"sup_{k}": float(v) for k, v in parts.items()}
+        if self.burn_in or unlabeled is None or teacher is None:
+            return sup, False
+        require_two_stage(student, self.name)
+        require_two_stage(teacher, self.name)
+        self._steps += 1
+        return sup, True
 
     def _generator(self, device: torch.device) -> torch.Generator:
         if self._gen is None or self._gen.device != device:
