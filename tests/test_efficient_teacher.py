@@ -555,6 +555,12 @@ def test_method_config_errors_are_clear():
         build_method("mean_teacher", {"lambda_u": "three"})
     with pytest.raises(ValueError, match="tau1 <= tau2"):
         build_method("efficient_teacher", {"tau1": 0.7, "tau2": 0.6})
+    with pytest.raises(ValueError, match=r"method 'mean_teacher': threshold must be in \[0, 1\], got 1.5"):
+        build_method("mean_teacher", {"threshold": 1.5})
+    with pytest.raises(ValueError, match=r"method 'soft_teacher': cls_threshold must be in \[0, 1\], got -0.1"):
+        build_method("soft_teacher", {"cls_threshold": -0.1})
+    with pytest.raises(ValueError, match="unsup_norm must be pseudo or labeled, not 'images'"):
+        build_method("efficient_teacher", {"unsup_norm": "images"})
     m = build_method("efficient_teacher", {})
     with pytest.raises(ValueError, match="needs the student"):
         m.extra_modules()

@@ -32,8 +32,19 @@ if TYPE_CHECKING:
 __all__ = ["MeanTeacher", "method_config", "MeterHook"]
 
 
-def method_config(name: str, defaults: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
-    """``defaults`` updated with ``cfg``; an unknown key is an error (a typo must not pass silently)."""
+def method_config(
+    name: str,
+    defaults: dict[str, Any],
+    cfg: dict[str, Any],
+    fractions: tuple[str, ...] = (),
+    choices: dict[str, tuple[str, ...]] | None = None,
+) -> dict[str, Any]:
+    """``defaults`` updated with ``cfg``; an unknown key is an error (a typo must not pass silently).
+
+    Values are checked against the defaults' types; the keys in ``fractions`` must lie in [0, 1]
+    and those in ``choices`` must be one of their listed strings, so every method validates its
+    config in one place with one wording.
+    """
     unknown = sorted(set(cfg) - set(defaults))
     if unknown:
         raise ValueError(f"method '{name}': unknown method_cfg keys {unknown}; known: {sorted(defaults)}")
@@ -58,6 +69,12 @@ def method_config(name: str, defaults: dict[str, Any], cfg: dict[str, Any]) -> d
                 raise ValueError(f"method '{name}': method_cfg '{k}' must be a list of {len(d)} numbers, got {v!r}")
             v = [float(x) for x in v]
         out[k] = v
+    for k in fractions:
+        if not 0.0 <= out[k] <= 1.0:
+            raise ValueError(f"method '{name}': {k} must be in [0, 1], got {out[k]}")
+    for k, allowed in (choices or {}).items():
+        if out[k] not in allowed:
+            raise ValueError(f"method '{name}': {k} must be {' or '.join(allowed)}, not {out[k]!r}")
     return out
 
 
@@ -81,9 +98,7 @@ class MeanTeacher(Method):
 
     def __init__(self, cfg: dict[str, Any]):
         super().__init__(cfg)
-        self.cfg = method_config(self.name, self.DEFAULTS, dict(cfg))
-        if not 0.0 <= self.cfg["threshold"] <= 1.0:
-            raise ValueError(f"method 'mean_teacher': threshold must be in [0, 1], got {self.cfg['threshold']}")
+        self.cfg = method_config(self.name, self.DEFAULTS, dict(cfg), fractions=("threshold",))
         self.meter = QualityMeter()
         self.step_log: dict[str, float] = {}
 

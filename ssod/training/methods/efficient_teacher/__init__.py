@@ -92,17 +92,11 @@ class EfficientTeacher(Method):
 
     def __init__(self, cfg: dict[str, Any]):
         super().__init__(cfg)
-        self.cfg = c = method_config(self.name, self.DEFAULTS, dict(cfg))
-        if c["unsup_norm"] not in ("pseudo", "labeled"):
-            raise ValueError(f"method 'efficient_teacher': unsup_norm must be pseudo or labeled, not {c['unsup_norm']!r}")
-        if c["unsup_background"] not in ("zero", "teacher"):
-            raise ValueError(
-                f"method 'efficient_teacher': unsup_background must be zero or teacher, not {c['unsup_background']!r}"
-            )
-        if c["pseudo_source"] not in ("teacher", "hidden_labels"):
-            raise ValueError(
-                f"method 'efficient_teacher': pseudo_source must be teacher or hidden_labels, not {c['pseudo_source']!r}"
-            )
+        self.cfg = c = method_config(self.name, self.DEFAULTS, dict(cfg), choices={
+            "unsup_norm": ("pseudo", "labeled"),
+            "unsup_background": ("zero", "teacher"),
+            "pseudo_source": ("teacher", "hidden_labels"),
+        })
         if not 0.0 <= c["tau1"] <= c["tau2"] <= 1.0:
             raise ValueError(f"method 'efficient_teacher': need 0 <= tau1 <= tau2 <= 1, got {c['tau1']}, {c['tau2']}")
         self.names: list[str] | None = None

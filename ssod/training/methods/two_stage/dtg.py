@@ -80,10 +80,9 @@ class DTG(SeededStepMethod):
 
     def __init__(self, cfg: dict[str, Any]):
         super().__init__(cfg)
-        self.cfg = c = method_config(self.name, self.DEFAULTS, dict(cfg))
-        for k in ("rcnn_score_thr", "rpn_score_thr", "rpn_pos_fraction"):
-            if not 0.0 <= c[k] <= 1.0:
-                raise ValueError(f"method 'dtg': {k} must be in [0, 1], got {c[k]}")
+        self.cfg = c = method_config(
+            self.name, self.DEFAULTS, dict(cfg), fractions=("rcnn_score_thr", "rpn_score_thr", "rpn_pos_fraction")
+        )
         if c["temperature"] <= 0:
             raise ValueError(f"method 'dtg': temperature must be > 0, got {c['temperature']}")
 

@@ -103,10 +103,9 @@ class SoftTeacher(SeededStepMethod):
 
     def __init__(self, cfg: dict[str, Any]):
         super().__init__(cfg)
-        self.cfg = c = method_config(self.name, self.DEFAULTS, dict(cfg))
-        for k in ("cls_threshold", "reg_score_threshold"):
-            if not 0.0 <= c[k] <= 1.0:
-                raise ValueError(f"method 'soft_teacher': {k} must be in [0, 1], got {c[k]}")
+        self.cfg = c = method_config(
+            self.name, self.DEFAULTS, dict(cfg), fractions=("cls_threshold", "reg_score_threshold")
+        )
         if c["n_jitter"] < 2:
             raise ValueError(f"method 'soft_teacher': n_jitter must be >= 2 (a variance needs 2 samples), got {c['n_jitter']}")
 
