@@ -60,9 +60,12 @@ def train(
     burn_in_epochs: Optional[int] = typer.Option(None, help="Supervised-only epochs before the unlabeled loss starts."),
     seed: Optional[int] = typer.Option(None, help="Random seed."),
     config: Optional[str] = typer.Option(None, help="YAML config overriding configs/default.yaml (CLI flags override it)."),
+    set_: Optional[list[str]] = typer.Option(
+        None, "--set", metavar="KEY=VALUE", help="Method hyperparameter, repeatable (e.g. --set lambda_u=1.0); keys and defaults: configs/methods/<method>.yaml."
+    ),
 ) -> None:
     """Train a detector with a (semi-)supervised method; prints the EMA teacher's mAP."""
-    from ssod.config import resolve_config
+    from ssod.config import parse_overrides, resolve_config
     from ssod.training.engine.trainer import train as run_train
 
     if resume:
@@ -72,6 +75,7 @@ def train(
         config, data=data, model=model, method=method, epochs=epochs, imgsz=imgsz, batch=batch,
         unlabeled_ratio=unlabeled_ratio, out=out, name=name, resume=resume, device=device, workers=workers,
         weights=weights, width=width, depth=depth, burn_in_epochs=burn_in_epochs, seed=seed,
+        method_cfg=parse_overrides(set_),
     )
     result = run_train(cfg)
     m = result["metrics"]

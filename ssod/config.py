@@ -34,6 +34,21 @@ def deep_update(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """``["lambda_u=1.0", "adaptive_thresholds=false"]`` -> a dict, each value read as YAML (numbers,
+    booleans, lists), as ultralytics reads ``key=value`` arguments. Keys are checked by the method."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. --set lambda_u=1.0")
+        try:
+            out[key.strip()] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise ValueError(f"--set {item!r}: value is not valid YAML") from None
+    return out
+
+
 def method_defaults(method: str) -> dict[str, Any]:
     path = CONFIG_DIR / "methods" / f"{method}.yaml"
     return _read_yaml(path) if path.exists() else {}

@@ -46,5 +46,22 @@ def test_data_demo_command(tmp_path):
 def test_help_lists_every_train_option():
     r = runner.invoke(app, ["train", "--help"], terminal_width=200)
     for opt in ("--data", "--model", "--method", "--epochs", "--imgsz", "--batch", "--out", "--resume",
-                "--device", "--workers", "--config"):
+                "--device", "--workers", "--config", "--set"):
         assert opt in r.output, opt
+
+
+def test_set_overrides_method_hyperparameters(tiny_demo, tmp_path):
+    from ssod.config import parse_overrides, resolve_config
+
+    over = parse_overrides(["lambda_u=1", "adaptive_thresholds=false", "tau1 = 0.2"])
+    assert over == {"lambda_u": 1, "adaptive_thresholds": False, "tau1": 0.2}
+    cfg = resolve_config(None, method="efficient_teacher", method_cfg=over)
+    assert (cfg["method_cfg"]["lambda_u"], cfg["method_cfg"]["adaptive_thresholds"]) == (1, False)
+    assert cfg["method_cfg"]["tau2"] == 0.6  # the rest keeps its defaults
+    r = runner.invoke(app, ["train", "--data", str(tiny_demo), "--method", "efficient_teacher", "--set", "lambda_u"])
+    assert r.exit_code == 1 and "expected KEY=VALUE" in r.output
+    r = runner.invoke(app, ["train", "--data", str(tiny_demo), "--method", "efficient_teacher", "--set", "tua2=0.5",
+                            "--model", "yolov8n", "--width", "0.0625", "--depth", "0.33", "--imgsz", "64",
+                            "--epochs", "1", "--workers", "0", "--out", str(tmp_path)])
+    lines = [ln for ln in r.output.strip().splitlines() if ln.startswith("error:")]
+    assert r.exit_code == 1 and len(lines) == 1 and "tua2" in lines[0], r.output
