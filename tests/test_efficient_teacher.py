@@ -559,6 +559,8 @@ def test_method_config_errors_are_clear():
         build_method("mean_teacher", {"threshold": 1.5})
     with pytest.raises(ValueError, match=r"method 'soft_teacher': cls_threshold must be in \[0, 1\], got -0.1"):
         build_method("soft_teacher", {"cls_threshold": -0.1})
+    with pytest.raises(ValueError, match="'supervised' has no hyperparameters; got method_cfg keys \\['lambda_u'\\]"):
+        build_method("supervised", {"lambda_u": 1.0})
     with pytest.raises(ValueError, match="unsup_norm must be pseudo or labeled, not 'images'"):
         build_method("efficient_teacher", {"unsup_norm": "images"})
     m = build_method("efficient_teacher", {})
