@@ -121,6 +121,14 @@ def _save_row(path: Path, row: str, result: dict) -> dict:
     return results
 
 
+def _supervised_burn_in(args, results_path: Path, results: dict, row: str) -> str:
+    """The finished supervised row's epoch-``burn_in`` checkpoint (another process may have written the row)."""
+    results = {**_read_results(results_path), **results}
+    if "supervised" not in results:
+        raise SystemExit(f"row {row} starts after the supervised row's burn-in: run 'supervised' first")
+    return str(Path(results["supervised"]["run"]) / "weights" / f"epoch{args.burn_in}.pt")
+
+
 def main(rows: dict = ROWS, cost_methods: tuple[str, ...] = ("efficient_teacher",), **defaults) -> None:
     """Run (or resume) the rows, print the table and the step cost; ``defaults`` override the CLI's."""
     ap = argparse.ArgumentParser()
@@ -165,13 +173,8 @@ def main(rows: dict = ROWS, cost_methods: tuple[str, ...] = ("efficient_teacher"
             raise SystemExit(f"unknown row '{row}': choose from {', '.join([*rows, *EXTRA_ROWS])}")
         method, ratio, mcfg = rows.get(row) or EXTRA_ROWS[row]
         kw = {}
-        if method != "supervised" and args.burn_in > 0 and args.burn_in_from:
-            kw["burn_in_from"] = args.burn_in_from
-        elif method != "supervised" and args.burn_in > 0:
-            results = {**_read_results(results_path), **results}  # another process may have finished it
-            if "supervised" not in results:
-                raise SystemExit(f"row {row} starts after the supervised row's burn-in: run 'supervised' first")
-            kw["burn_in_from"] = str(Path(results["supervised"]["run"]) / "weights" / f"epoch{args.burn_in}.pt")
+        if method != "supervised" and args.burn_in > 0:
+            kw["burn_in_from"] = args.burn_in_from or _supervised_burn_in(args, results_path, results, row)
         t0 = time.perf_counter()
         res = Trainer(config(args, data[ratio], method, mcfg, row, **kw)).train()
         results[row] = {**res["metrics"], "minutes": (time.perf_counter() - t0) / 60, "run": res["run_dir"]}
