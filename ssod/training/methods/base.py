@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ssod.config import method_defaults
 from ssod.training.data.batch import Batch
 
 if TYPE_CHECKING:
@@ -22,11 +23,24 @@ if TYPE_CHECKING:
 
 
 class Method:
+    """Hyperparameters: ``DEFAULTS`` is read from ``ssod/configs/methods/<name>.yaml`` (the one
+    defaults file, each value with its source) when a subclass sets ``name``; ``cfg`` overrides
+    them and is validated by ``method_config`` against ``FRACTIONS`` (values in [0, 1]) and
+    ``CHOICES`` (allowed strings), so subclasses only declare what to check."""
+
     name: str = "base"
     uses_unlabeled: bool = False
+    DEFAULTS: dict[str, Any] = {}
+    FRACTIONS: tuple[str, ...] = ()
+    CHOICES: dict[str, tuple[str, ...]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            cls.DEFAULTS = method_defaults(cls.name)
 
     def __init__(self, cfg: dict[str, Any]):
-        self.cfg = dict(cfg)
+        self.cfg = method_config(self.name, self.DEFAULTS, dict(cfg), self.FRACTIONS, self.CHOICES)
         self.epoch = 0
         self.burn_in = False  # True while only the supervised part runs (set by the trainer)
         # Extra per-step numbers to log (not summed into the loss), e.g. loss parts.
@@ -57,6 +71,54 @@ class Method:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+
+def method_config(
+    name: str,
+    defaults: dict[str, Any],
+    cfg: dict[str, Any],
+    fractions: tuple[str, ...] = (),
+    choices: dict[str, tuple[str, ...]] | None = None,
+) -> dict[str, Any]:
+    """``defaults`` updated with ``cfg``; an unknown key is an error (a typo must not pass silently).
+
+    Values are checked against the defaults' types; the keys in ``fractions`` must lie in [0, 1]
+    and those in ``choices`` must be one of their listed strings, so every method validates its
+    config in one place with one wording.
+    """
+    unknown = sorted(set(cfg) - set(defaults))
+    if unknown and not defaults:  # e.g. `--method supervised --set lambda_u=1`: say so rather than ignore it
+        raise ValueError(f"method '{name}' has no hyperparameters; got method_cfg keys {unknown}")
+    if unknown:
+        raise ValueError(f"method '{name}': unknown method_cfg keys {unknown}; known: {sorted(defaults)}")
+    out = dict(defaults)
+    for k, v in cfg.items():
+        if v is None:
+            continue
+        d = defaults[k]
+        if isinstance(d, bool):
+            if not isinstance(v, bool):
+                raise ValueError(f"method '{name}': method_cfg '{k}' must be true/false, got {v!r}")
+        elif isinstance(d, (int, float)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"method '{name}': method_cfg '{k}' must be a number, got {v!r}")
+            if isinstance(d, int) and not float(v).is_integer():
+                raise ValueError(f"method '{name}': method_cfg '{k}' must be an integer, got {v!r}")
+            v = type(d)(v)
+        elif isinstance(d, (list, tuple)):
+            if not isinstance(v, (list, tuple)) or len(v) != len(d) or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) for x in v
+            ):
+                raise ValueError(f"method '{name}': method_cfg '{k}' must be a list of {len(d)} numbers, got {v!r}")
+            v = [float(x) for x in v]
+        out[k] = v
+    for k in fractions:
+        if not 0.0 <= out[k] <= 1.0:
+            raise ValueError(f"method '{name}': {k} must be in [0, 1], got {out[k]}")
+    for k, allowed in (choices or {}).items():
+        if out[k] not in allowed:
+            raise ValueError(f"method '{name}': {k} must be {' or '.join(allowed)}, not {out[k]!r}")
+    return out
 
 
 METHODS: dict[str, type[Method]] = {}

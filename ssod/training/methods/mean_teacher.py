@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ssod.config import method_defaults
 from ssod.training.data.batch import Batch
 from ssod.training.engine.hooks import Hook
 from ssod.training.methods.base import Method, register_method
@@ -29,53 +28,7 @@ from ssod.training.pseudo import QualityMeter, pseudo_batch, select, teacher_det
 if TYPE_CHECKING:
     from ssod.training.models.base import Detector
 
-__all__ = ["MeanTeacher", "method_config", "MeterHook"]
-
-
-def method_config(
-    name: str,
-    defaults: dict[str, Any],
-    cfg: dict[str, Any],
-    fractions: tuple[str, ...] = (),
-    choices: dict[str, tuple[str, ...]] | None = None,
-) -> dict[str, Any]:
-    """``defaults`` updated with ``cfg``; an unknown key is an error (a typo must not pass silently).
-
-    Values are checked against the defaults' types; the keys in ``fractions`` must lie in [0, 1]
-    and those in ``choices`` must be one of their listed strings, so every method validates its
-    config in one place with one wording.
-    """
-    unknown = sorted(set(cfg) - set(defaults))
-    if unknown:
-        raise ValueError(f"method '{name}': unknown method_cfg keys {unknown}; known: {sorted(defaults)}")
-    out = dict(defaults)
-    for k, v in cfg.items():
-        if v is None:
-            continue
-        d = defaults[k]
-        if isinstance(d, bool):
-            if not isinstance(v, bool):
-                raise ValueError(f"method '{name}': method_cfg '{k}' must be true/false, got {v!r}")
-        elif isinstance(d, (int, float)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise ValueError(f"method '{name}': method_cfg '{k}' must be a number, got {v!r}")
-            if isinstance(d, int) and not float(v).is_integer():
-                raise ValueError(f"method '{name}': method_cfg '{k}' must be an integer, got {v!r}")
-            v = type(d)(v)
-        elif isinstance(d, (list, tuple)):
-            if not isinstance(v, (list, tuple)) or len(v) != len(d) or not all(
-                isinstance(x, (int, float)) and not isinstance(x, bool) for x in v
-            ):
-                raise ValueError(f"method '{name}': method_cfg '{k}' must be a list of {len(d)} numbers, got {v!r}")
-            v = [float(x) for x in v]
-        out[k] = v
-    for k in fractions:
-        if not 0.0 <= out[k] <= 1.0:
-            raise ValueError(f"method '{name}': {k} must be in [0, 1], got {out[k]}")
-    for k, allowed in (choices or {}).items():
-        if out[k] not in allowed:
-            raise ValueError(f"method '{name}': {k} must be {' or '.join(allowed)}, not {out[k]!r}")
-    return out
+__all__ = ["MeanTeacher", "MeterHook"]
 
 
 class MeterHook(Hook):
@@ -93,12 +46,10 @@ class MeanTeacher(Method):
     name = "mean_teacher"
     uses_unlabeled = True
 
-    # Every default and its source lives in configs/methods/mean_teacher.yaml (the one defaults file).
-    DEFAULTS: dict[str, Any] = method_defaults("mean_teacher")
+    FRACTIONS = ("threshold",)
 
     def __init__(self, cfg: dict[str, Any]):
         super().__init__(cfg)
-        self.cfg = method_config(self.name, self.DEFAULTS, dict(cfg), fractions=("threshold",))
         self.meter = QualityMeter()
         self.step_log: dict[str, float] = {}
 

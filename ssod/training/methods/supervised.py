@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from ssod.training.methods.base import Method, register_method
@@ -13,11 +11,6 @@ from ssod.training.methods.base import Method, register_method
 class Supervised(Method):
     name = "supervised"
     uses_unlabeled = False
-
-    def __init__(self, cfg: dict[str, Any]):
-        if cfg:  # e.g. `--method supervised --set lambda_u=1`: say so rather than ignore it
-            raise ValueError(f"method 'supervised' has no hyperparameters; got method_cfg keys {sorted(cfg)}")
-        super().__init__(cfg)
 
     def losses(self, labeled, unlabeled, student, teacher) -> dict[str, torch.Tensor]:
         total, parts = student.loss(labeled)

@@ -37,7 +37,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from ssod.config import method_defaults
 from ssod.training.data.batch import Batch
 from ssod.training.engine.hooks import Hook
 from ssod.training.methods.base import Method, register_method
@@ -50,7 +49,6 @@ from ssod.training.methods.efficient_teacher.assigner import (
     teacher_raw,
 )
 from ssod.training.methods.efficient_teacher.two_stage import two_stage_feature_channels, two_stage_losses
-from ssod.training.methods.mean_teacher import method_config
 from ssod.training.pseudo import QualityMeter, eval_mode, hidden_pseudo_labels, select, weak_to_strong
 from ssod.training.pseudo_geometry import resample_maps
 
@@ -87,16 +85,15 @@ class EfficientTeacher(Method):
     name = "efficient_teacher"
     uses_unlabeled = True
 
-    # Every default and its source lives in configs/methods/efficient_teacher.yaml (the one defaults file).
-    DEFAULTS: dict[str, Any] = method_defaults("efficient_teacher")
+    CHOICES = {
+        "unsup_norm": ("pseudo", "labeled"),
+        "unsup_background": ("zero", "teacher"),
+        "pseudo_source": ("teacher", "hidden_labels"),
+    }
 
     def __init__(self, cfg: dict[str, Any]):
         super().__init__(cfg)
-        self.cfg = c = method_config(self.name, self.DEFAULTS, dict(cfg), choices={
-            "unsup_norm": ("pseudo", "labeled"),
-            "unsup_background": ("zero", "teacher"),
-            "pseudo_source": ("teacher", "hidden_labels"),
-        })
+        c = self.cfg
         if not 0.0 <= c["tau1"] <= c["tau2"] <= 1.0:
             raise ValueError(f"method 'efficient_teacher': need 0 <= tau1 <= tau2 <= 1, got {c['tau1']}, {c['tau2']}")
         self.names: list[str] | None = None

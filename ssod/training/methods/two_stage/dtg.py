@@ -42,10 +42,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ssod.config import method_defaults
 from ssod.training.data.batch import Batch
 from ssod.training.methods.base import register_method
-from ssod.training.methods.mean_teacher import method_config
 from ssod.training.methods.two_stage.seeded import SeededStepMethod
 from ssod.training.methods.two_stage.common import (
     image_index,
@@ -75,14 +73,11 @@ class DTG(SeededStepMethod):
     name = "dtg"
     uses_unlabeled = True
 
-    # Every default and its source lives in configs/methods/dtg.yaml (the one defaults file).
-    DEFAULTS: dict[str, Any] = method_defaults("dtg")
+    FRACTIONS = ("rcnn_score_thr", "rpn_score_thr", "rpn_pos_fraction")
 
     def __init__(self, cfg: dict[str, Any]):
         super().__init__(cfg)
-        self.cfg = c = method_config(
-            self.name, self.DEFAULTS, dict(cfg), fractions=("rcnn_score_thr", "rpn_score_thr", "rpn_pos_fraction")
-        )
+        c = self.cfg
         if c["temperature"] <= 0:
             raise ValueError(f"method 'dtg': temperature must be > 0, got {c['temperature']}")
 

@@ -31,10 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ssod.config import method_defaults
 from ssod.training.data.batch import Batch
 from ssod.training.methods.base import register_method
-from ssod.training.methods.mean_teacher import method_config
 from ssod.training.methods.two_stage.seeded import SeededStepMethod
 from ssod.training.methods.two_stage.common import (
     image_index,
@@ -98,14 +96,11 @@ class SoftTeacher(SeededStepMethod):
     name = "soft_teacher"
     uses_unlabeled = True
 
-    # Every default and its source lives in configs/methods/soft_teacher.yaml (the one defaults file).
-    DEFAULTS: dict[str, Any] = method_defaults("soft_teacher")
+    FRACTIONS = ("cls_threshold", "reg_score_threshold")
 
     def __init__(self, cfg: dict[str, Any]):
         super().__init__(cfg)
-        self.cfg = c = method_config(
-            self.name, self.DEFAULTS, dict(cfg), fractions=("cls_threshold", "reg_score_threshold")
-        )
+        c = self.cfg
         if c["n_jitter"] < 2:
             raise ValueError(f"method 'soft_teacher': n_jitter must be >= 2 (a variance needs 2 samples), got {c['n_jitter']}")
 
