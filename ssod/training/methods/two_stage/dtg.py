@@ -82,12 +82,7 @@ class DTG(SeededStepMethod):
             raise ValueError(f"method 'dtg': temperature must be > 0, got {c['temperature']}")
 
     # --------------------------------------------------------------------------- step
-    def losses(
-        self, labeled: Batch, unlabeled: Batch | None, student: "Detector", teacher: "Detector | None"
-    ) -> dict[str, Tensor]:
-        sup, unsupervised = self.supervised_step(labeled, unlabeled, student, teacher)
-        if not unsupervised:
-            return {"sup": sup}
+    def unsupervised_losses(self, unlabeled: Batch, student: "Detector", teacher: "Detector") -> dict[str, Tensor]:
         c = self.cfg
         weak_img, strong_img = unlabeled["weak"], unlabeled["strong"]
         device, bu, imgsz = weak_img.device, int(weak_img.shape[0]), int(strong_img.shape[-1])
@@ -112,14 +107,12 @@ class DTG(SeededStepMethod):
                               deltas_s, level_s, gen, imgsz)
         lam, beta = c["lambda_u"], c["beta"]
         out = {
-            "sup": sup,
             "unsup_rpn_cls": lam * rpn["rpn_cls"],
             "unsup_rpn_box": lam * rpn["rpn_box"],
             "unsup_rcnn_cls": lam * rcnn["cls"],
             "unsup_rcnn_box": lam * rcnn["box"],
             "unsup_rm": lam * beta * (rcnn["rm"] + (rpn["rm"] if c["rm_rpn"] else 0.0)),
         }
-        self.step_log.update({k: float(v.detach()) for k, v in out.items() if k != "sup"})
         self.step_log["clusters_per_img"] = rcnn["n_clusters"] / max(bu, 1)
         self.step_log["rpn_clusters_per_img"] = rpn["n_clusters"] / max(bu, 1)
         self.meter.add_count("clusters", rcnn["n_clusters"])

@@ -34,22 +34,29 @@ class SeededStepMethod(Method):
     def start_epoch(self) -> None:
         self.meter.reset()
 
-    def supervised_step(
+    def losses(
         self, labeled: Batch, unlabeled: Batch | None, student: "Detector", teacher: "Detector | None"
-    ) -> tuple[Tensor, bool]:
-        """The supervised loss (its parts go to the step log) and whether the unlabeled part runs.
+    ) -> dict[str, Tensor]:
+        """The supervised loss, then the method's ``unsupervised_losses`` (each logged per step).
 
-        It does not during burn-in, nor without unlabeled images or a teacher. When it does, both
-        models must be two-stage and the step counter, the seed of this step's draws, advances.
+        The unlabeled part does not run during burn-in, nor without unlabeled images or a teacher.
+        When it does, both models must be two-stage and the step counter, the seed of this step's
+        draws, advances.
         """
         sup, parts = student.loss(labeled)
         self.step_log = {f"sup_{k}": float(v) for k, v in parts.items()}
         if self.burn_in or unlabeled is None or teacher is None:
-            return sup, False
+            return {"sup": sup}
         require_two_stage(student, self.name)
         require_two_stage(teacher, self.name)
         self._steps += 1
-        return sup, True
+        unsup = self.unsupervised_losses(unlabeled, student, teacher)
+        self.step_log.update({k: float(v.detach()) for k, v in unsup.items()})
+        return {"sup": sup, **unsup}
+
+    def unsupervised_losses(self, unlabeled: Batch, student: "Detector", teacher: "Detector") -> dict[str, Tensor]:
+        """Named, already-weighted losses of the unlabeled batch (weak and strong views)."""
+        raise NotImplementedError
 
     def _generator(self, device: torch.device) -> torch.Generator:
         if self._gen is None or self._gen.device != device:

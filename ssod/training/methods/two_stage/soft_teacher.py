@@ -105,12 +105,7 @@ class SoftTeacher(SeededStepMethod):
             raise ValueError(f"method 'soft_teacher': n_jitter must be >= 2 (a variance needs 2 samples), got {c['n_jitter']}")
 
     # --------------------------------------------------------------------------- step
-    def losses(
-        self, labeled: Batch, unlabeled: Batch | None, student: "Detector", teacher: "Detector | None"
-    ) -> dict[str, Tensor]:
-        sup, unsupervised = self.supervised_step(labeled, unlabeled, student, teacher)
-        if not unsupervised:
-            return {"sup": sup}
+    def unsupervised_losses(self, unlabeled: Batch, student: "Detector", teacher: "Detector") -> dict[str, Tensor]:
         c = self.cfg
         weak_img, strong_img = unlabeled["weak"], unlabeled["strong"]
         device, bu, imgsz = weak_img.device, int(weak_img.shape[0]), int(strong_img.shape[-1])
@@ -172,13 +167,11 @@ class SoftTeacher(SeededStepMethod):
 
         lam = c["lambda_u"]
         out = {
-            "sup": sup,
             "unsup_rpn_cls": lam * rpn["rpn_cls"],
             "unsup_rpn_box": lam * rpn["rpn_box"],
             "unsup_rcnn_cls": lam * rcnn_cls,
             "unsup_rcnn_box": lam * rcnn_reg,
         }
-        self.step_log.update({k: float(v.detach()) for k, v in out.items() if k != "sup"})
         self.step_log["pl_cls_per_img"] = n_cls / max(bu, 1)
         self.step_log["pl_reg_per_img"] = n_reg / max(bu, 1)
         self.step_log["bgt_mean_r"] = float(r[~is_fg].mean()) if bool((~is_fg).any()) else float("nan")
