@@ -23,7 +23,7 @@ import numpy as np
 PAD_VALUE = 114  # ultralytics letterbox gray
 
 __all__ = [
-    "PAD_VALUE", "WeakAug", "StrongAug", "LabeledAug",
+    "PAD_VALUE", "WeakAug", "GeometryAug", "StrongAug", "LabeledAug",
     "letterbox_matrix", "random_affine_matrix", "warp",
     "transform_boxes", "clip_boxes", "valid_boxes", "filter_boxes",
     "color_jitter", "to_grayscale", "blur_kernel_size", "gaussian_blur", "cutout",
@@ -49,7 +49,19 @@ Cutout = tuple[float, tuple[float, float], tuple[float, float]]
 
 
 @dataclass
-class StrongAug:
+class GeometryAug:
+    """Random affine geometry shared by the student's strong view and the labeled branch, so both
+    see the same kind of geometry (the trainer sets both from one config block)."""
+
+    flip_p: float = 0.5
+    scale: tuple[float, float] = (0.5, 1.5)
+    translate: float = 0.1
+    degrees: float = 0.0
+    shear: float = 0.0
+
+
+@dataclass
+class StrongAug(GeometryAug):
     """The student's view: geometric jitter plus photometric noise.
 
     The photometric values (colour jitter 0.4/0.4/0.4/0.1 with p=0.8, grayscale p=0.2,
@@ -59,11 +71,6 @@ class StrongAug:
     rectangle (see ``cutout``).
     """
 
-    flip_p: float = 0.5
-    scale: tuple[float, float] = (0.5, 1.5)
-    translate: float = 0.1
-    degrees: float = 0.0
-    shear: float = 0.0
     color_jitter_p: float = 0.8
     brightness: float = 0.4
     contrast: float = 0.4
@@ -80,18 +87,13 @@ class StrongAug:
 
 
 @dataclass
-class LabeledAug:
+class LabeledAug(GeometryAug):
     """Supervised-branch augmentation: geometry like ``StrongAug`` plus ultralytics-style HSV.
 
     ``mosaic_p``/``mixup_p`` are available but off by default, so labeled images have the
     same kind of geometry as the strong unlabeled view; turn them on for extra regularisation.
     """
 
-    flip_p: float = 0.5
-    scale: tuple[float, float] = (0.5, 1.5)
-    translate: float = 0.1
-    degrees: float = 0.0
-    shear: float = 0.0
     hsv_h: float = 0.015
     hsv_s: float = 0.7
     hsv_v: float = 0.4
