@@ -121,6 +121,41 @@ def _save_row(path: Path, row: str, result: dict) -> dict:
     return results
 
 
+def plot_rows(results: dict, out_png: Path, burn_in: int) -> Path:
+    """Val mAP50-95 and pseudo-label precision / recall per epoch, one line per row (each row's results.csv)."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_map, ax_pl) = plt.subplots(1, 2, figsize=(11, 4))
+    for row, r in results.items():
+        csv_path = Path(r["run"]) / "results.csv"
+        if not csv_path.exists():
+            continue
+        with open(csv_path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        pts = [(int(x["epoch"]), float(x["val/mAP50-95"])) for x in rows if x.get("val/mAP50-95")]
+        (line,) = ax_map.plot(*zip(*pts), marker="o", ms=3, label=row) if pts else (None,)
+        for key, style in (("method/pl_precision", "-"), ("method/pl_recall", "--")):
+            pl = [(int(x["epoch"]), float(x[key])) for x in rows if x.get(key)]
+            if pl and line is not None:
+                ax_pl.plot(*zip(*pl), style, color=line.get_color(), label=f"{row} {key.split('_')[-1]}")
+    for ax, title in ((ax_map, "val mAP50-95"), (ax_pl, "pseudo labels vs hidden labels (all kept, IoU 0.5)")):
+        ax.axvline(burn_in + 0.5, color="gray", lw=0.8, ls=":")
+        ax.set_xlabel("epoch")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = out_png.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    tmp.replace(out_png)
+    return out_png
+
+
 def _gap_closed(row: dict, sup: dict | None, orc: dict | None, metric: str) -> str:
     """The fraction of the supervised-to-oracle gap in ``metric`` that ``row`` closes ('' without both ends)."""
     if not sup or not orc or orc[metric] <= sup[metric]:
@@ -199,6 +234,8 @@ def main(rows: dict = ROWS, cost_methods: tuple[str, ...] = ("efficient_teacher"
     for row, r in results.items():
         gaps = [_gap_closed(r, sup, orc, k) for k in ("mAP50-95", "mAP50")]
         print(f"| {row} | {r['mAP50-95']:.4f} | {r['mAP50']:.4f} | {gaps[0]} | {gaps[1]} | {r['minutes']:.1f} |")
+    if results:
+        print(f"\ncurves: {plot_rows(results, Path(args.out) / 'ssod_gain.png', args.burn_in)}")
     if not args.no_cost:
         for m in cost_methods:
             c = step_cost(args, data[0.1], m)
