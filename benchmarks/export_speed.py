@@ -70,6 +70,19 @@ def time_it(fn: Callable[[], object], batch: int, seconds: float) -> float:
     return batch / statistics.median(times)
 
 
+def speed_setup(threads: int | None, out: str | None, prefix: str) -> tuple[int, Path, ort.SessionOptions]:
+    """Threads for torch and ONNX Runtime alike (default: the cores this process may use), the
+    folder for exported models (default: a temp folder) and the matching session options."""
+    threads = threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    work = Path(out or tempfile.mkdtemp(prefix=prefix))
+    work.mkdir(parents=True, exist_ok=True)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    return threads, work, opts
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weights", default=None, help="ssod checkpoint (default: random yolov8n, 80 classes)")
@@ -83,16 +96,10 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="folder for the exported models (default: a temp folder)")
     args = ap.parse_args()
 
-    threads = args.threads or len(os.sched_getaffinity(0))
-    torch.set_num_threads(threads)
-    work = Path(args.out or tempfile.mkdtemp(prefix="ssod-speed-"))
-    work.mkdir(parents=True, exist_ok=True)
+    threads, work, opts = speed_setup(args.threads, args.out, "ssod-speed-")
     weights = Path(args.weights) if args.weights else random_checkpoint(work / "random.pt", args.model)
     calib = Path(args.calib) if args.calib else calibration_folder(work / "calib")
     module = load_detector(weights)[0].export_module()
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
 
     rows = []
     for size in [int(s) for s in args.sizes.split(",")]:

@@ -16,9 +16,7 @@ the same size. Each cell is the median of timed runs after two warm-up runs, rep
 from __future__ import annotations
 
 import argparse
-import os
 import platform
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +27,7 @@ from ssod.export import export_model
 from ssod.training.engine.checkpoint import load_detector, save_checkpoint
 from ssod.training.models.base import build_model
 
-from export_speed import time_it  # the sibling benchmark's timer (run as `python benchmarks/...`)
+from export_speed import speed_setup, time_it  # the sibling benchmark's timer (run as `python benchmarks/...`)
 
 
 def random_checkpoint(path: Path, model: str, imgsz: int, nc: int = 80) -> Path:
@@ -53,13 +51,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="folder for the exported models (default: a temp folder)")
     args = ap.parse_args()
 
-    threads = args.threads or len(os.sched_getaffinity(0))
-    torch.set_num_threads(threads)
-    work = Path(args.out or tempfile.mkdtemp(prefix="ssod-speed-frcnn-"))
-    work.mkdir(parents=True, exist_ok=True)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
+    threads, work, opts = speed_setup(args.threads, args.out, "ssod-speed-frcnn-")
     batch = 1
 
     rows = []
