@@ -28,7 +28,7 @@ from ssod.training.pseudo import QualityMeter, pseudo_batch, select, teacher_det
 if TYPE_CHECKING:
     from ssod.training.models.base import Detector
 
-__all__ = ["MeanTeacher", "MeterHook"]
+__all__ = ["MeanTeacher", "MeterHook", "MeteredMethod"]
 
 
 class MeterHook(Hook):
@@ -41,23 +41,26 @@ class MeterHook(Hook):
         self.method.start_epoch()
 
 
-@register_method
-class MeanTeacher(Method):
-    name = "mean_teacher"
-    uses_unlabeled = True
-
-    FRACTIONS = ("threshold",)
+class MeteredMethod(Method):
+    """A method that measures its pseudo labels per epoch: ``self.meter``, reset by ``MeterHook``."""
 
     def __init__(self, cfg: dict[str, Any]):
         super().__init__(cfg)
         self.meter = QualityMeter()
-        self.step_log: dict[str, float] = {}
 
     def hooks(self) -> list[Hook]:
         return [MeterHook(self)]
 
     def start_epoch(self) -> None:
         self.meter.reset()
+
+
+@register_method
+class MeanTeacher(MeteredMethod):
+    name = "mean_teacher"
+    uses_unlabeled = True
+
+    FRACTIONS = ("threshold",)
 
     def losses(
         self, labeled: Batch, unlabeled: Batch | None, student: "Detector", teacher: "Detector | None"

@@ -8,31 +8,21 @@ import torch
 from torch import Tensor
 
 from ssod.training.data.batch import Batch
-from ssod.training.engine.hooks import Hook
-from ssod.training.methods.base import Method
-from ssod.training.methods.mean_teacher import MeterHook
+from ssod.training.methods.mean_teacher import MeteredMethod
 from ssod.training.methods.two_stage.common import require_two_stage
-from ssod.training.pseudo import QualityMeter
 
 if TYPE_CHECKING:
     from ssod.training.models.base import Detector
 
 
-class SeededStepMethod(Method):
+class SeededStepMethod(MeteredMethod):
     """A method whose random draws (box jitter, background sampling) are seeded from (seed, step),
     so a resumed run draws exactly what an uninterrupted one would; the step count is its state."""
 
     def __init__(self, cfg: dict[str, Any]):
         super().__init__(cfg)
-        self.meter = QualityMeter()
         self._gen: torch.Generator | None = None
         self._steps = 0
-
-    def hooks(self) -> list[Hook]:
-        return [MeterHook(self)]
-
-    def start_epoch(self) -> None:
-        self.meter.reset()
 
     def losses(
         self, labeled: Batch, unlabeled: Batch | None, student: "Detector", teacher: "Detector | None"
