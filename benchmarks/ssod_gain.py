@@ -195,14 +195,15 @@ def plot_rows(results: dict, out_png: Path, burn_in: int) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_map, ax_pl) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_map, ax_pl) = plt.subplots(1, 2, figsize=(12, 4.5))
     for row, r in results.items():
         csv_path = Path(r["run"]) / "results.csv"
         if not csv_path.exists():
             continue
         with open(csv_path, newline="") as f:
             rows = list(csv.DictReader(f))
-        pts = [(int(x["epoch"]), float(x["val/mAP50-95"])) for x in rows if x.get("val/mAP50-95")]
+        pts = [(int(x["epoch"]), float(x["val/mAP50-95"])) for x in rows
+               if x.get("val/mAP50-95") and int(x["epoch"]) >= burn_in - 2]  # from just before the switch
         (line,) = ax_map.plot(*zip(*pts), marker="o", ms=3, label=row) if pts else (None,)
         for key, style in (("method/pl_precision", "-"), ("method/pl_recall", "--")):
             pl = [(int(x["epoch"]), float(x[key])) for x in rows if x.get(key)]
@@ -212,7 +213,7 @@ def plot_rows(results: dict, out_png: Path, burn_in: int) -> Path:
         ax.axvline(burn_in + 0.5, color="gray", lw=0.8, ls=":")
         ax.set_xlabel("epoch")
         ax.set_title(title, fontsize=9)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6, ncol=2, loc="lower right")
     fig.tight_layout()
     tmp = out_png.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=90)
