@@ -41,6 +41,7 @@ import torch
 
 from ssod.config import resolve_config
 from ssod.training.data.demo import make_demo_dataset
+from ssod.training.engine.plots import save_figure
 from ssod.training.engine.trainer import Trainer, next_run_dir
 
 ROWS = {
@@ -214,12 +215,7 @@ def plot_rows(results: dict, out_png: Path, burn_in: int) -> Path:
         ax.set_xlabel("epoch")
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=6, ncol=2, loc="lower right")
-    fig.tight_layout()
-    tmp = out_png.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    tmp.replace(out_png)
-    return out_png
+    return save_figure(fig, out_png)
 
 
 def _gap_closed(row: dict, sup: dict | None, orc: dict | None, metric: str) -> str:

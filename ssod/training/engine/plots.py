@@ -28,9 +28,16 @@ def plot_results(csv_path: str | Path, out_png: str | Path) -> Path:
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
+    return save_figure(fig, out_png)
+
+
+def save_figure(fig, out_png: str | Path, dpi: int = 90) -> Path:
+    """Lay out, write atomically (a reader never sees half a PNG) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     tmp = Path(out_png).with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=90)
+    fig.savefig(tmp, dpi=dpi)
     plt.close(fig)
     tmp.replace(out_png)
     return Path(out_png)
