@@ -55,6 +55,7 @@ ROWS = {
 # Not run by default (--rows ...,et_ignore_low): variants probing why a method loses (docs/benchmarks.md).
 EXTRA_ROWS = {
     "et_ignore_low": ("efficient_teacher", 0.1, {"ignore_low_score": True}),
+    "et_ignore_low_lambda1": ("efficient_teacher", 0.1, {"ignore_low_score": True, "lambda_u": 1.0}),
     "et_lambda1_plain_pla": ("efficient_teacher", 0.1, {"lambda_u": 1.0, "uncertain_box_loc": 1.0}),
     "et_lambda1": ("efficient_teacher", 0.1, {"lambda_u": 1.0}),
     "et_plain_pla": ("efficient_teacher", 0.1, {"uncertain_box_loc": 1.0}),
