@@ -71,6 +71,8 @@ EXTRA_ROWS = {
     # diagnostic upper bound: the hidden labels as perfect pseudo labels through the same loss path
     "et_hidden_labels": ("efficient_teacher", 0.1, {"pseudo_source": "hidden_labels"}),
     "et_hidden_labels_lambda1": ("efficient_teacher", 0.1, {"pseudo_source": "hidden_labels", "lambda_u": 1.0}),
+    # diagnostic: the teacher's pseudo labels without its false positives (its misses kept)
+    "et_teacher_true_lambda1": ("efficient_teacher", 0.1, {"pseudo_source": "teacher_true", "lambda_u": 1.0}),
 }
 
 

@@ -445,6 +445,38 @@ def test_hidden_labels_pseudo_source_replaces_the_teacher_boxes(student, monkeyp
         m.set_dataset(spec)
 
 
+def test_teacher_true_pseudo_source_filters_the_teacher_boxes(student, monkeypatch):
+    """``pseudo_source: teacher_true`` hands the teacher's boxes (not the hidden labels) to the
+    hidden-label filter and trains on what it returns."""
+    import ssod.training.methods.efficient_teacher as et
+
+    student = copy.deepcopy(student).train()
+    teacher = _confident_teacher(student)
+    labeled, unlabeled = _batches()
+    given: list[dict] = []
+    seen: list[dict] = []
+
+    def fake_filter(weak, un, iou):
+        given.append(weak)
+        return et.select(weak, torch.arange(len(weak["scores"])) == 0)  # keep the top box only
+
+    original = PseudoLabelAssigner.__call__
+
+    def spy(self, raw, targets, ignore=None, min_norm=None, background=None):
+        seen.append(targets)
+        return original(self, raw, targets, ignore, min_norm, background)
+
+    monkeypatch.setattr(et, "true_pseudo_labels", fake_filter)
+    monkeypatch.setattr(PseudoLabelAssigner, "__call__", spy)
+    m = build_method("efficient_teacher", {"domain_adaptation": False, "pseudo_source": "teacher_true",
+                                           "tau1": 0.05, "tau2": 0.06})
+    m.set_label_statistics([2, 1, 0], 4, names=NAMES)
+    m.start_epoch()
+    m.losses(labeled, unlabeled, student, teacher)
+    assert len(given) == 1 and len(given[0]["scores"]) > 1  # the teacher's boxes, several of them
+    assert len(seen[1]["scores"]) <= 1  # the unlabeled assigner got the filtered set
+
+
 def test_ignore_low_score_turns_sub_tau1_boxes_into_ignore_regions(student):
     """tau1 above the teacher's 0.5 class-b boxes: off -> they are background, on -> ignored."""
     student = copy.deepcopy(student).train()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -9,7 +10,9 @@ from ssod.training.pseudo import (
     QualityMeter,
     concat_detections,
     pseudo_batch,
+    match_hidden,
     pseudo_label_quality,
+    true_pseudo_labels,
     teacher_pseudo_labels,
     weak_to_strong,
 )
@@ -111,6 +114,26 @@ def test_quality_is_class_and_image_aware_and_one_to_one():
     }
     tp, n_pred, n_gt = pseudo_label_quality(pseudo, gt_boxes, gt_cls, gt_bidx, iou=0.5)
     assert (tp, n_pred, n_gt) == (2, 5, 3)
+
+
+def test_true_pseudo_labels_keep_exactly_the_matched_boxes():
+    """The ``teacher_true`` diagnostic keeps the true positives of the quality matching, nothing else:
+    the higher-scoring duplicate takes the hidden box, the wrong class and the empty spot go."""
+    gt = {"gt_boxes": torch.tensor([[0.0, 0, 10, 10], [20.0, 20, 30, 30], [0.0, 0, 10, 10]]),
+          "gt_cls": torch.tensor([0, 1, 0]), "gt_batch_idx": torch.tensor([0, 0, 1])}
+    pseudo = {
+        "boxes": torch.tensor([[0.0, 0, 10, 10], [0.5, 0, 10, 10], [20.0, 20, 30, 30], [0.0, 0, 10, 10],
+                               [40.0, 40, 50, 50]]),
+        "scores": torch.tensor([0.9, 0.95, 0.8, 0.7, 0.6]),
+        "labels": torch.tensor([0, 0, 0, 0, 1]),
+        "batch_idx": torch.tensor([0, 0, 0, 1, 0]),
+    }
+    matched = match_hidden(pseudo, gt["gt_boxes"], gt["gt_cls"], gt["gt_batch_idx"], iou=0.5)
+    assert matched.tolist() == [False, True, False, True, False]
+    kept = true_pseudo_labels(pseudo, gt, iou=0.5)
+    assert kept["scores"].tolist() == pytest.approx([0.95, 0.7]) and kept["batch_idx"].tolist() == [0, 1]
+    none = true_pseudo_labels(pseudo, {**gt, "gt_cls": torch.tensor([2, 2, 2])})
+    assert len(none["boxes"]) == 0
 
 
 def test_quality_higher_score_wins_and_loser_takes_its_next_choice():

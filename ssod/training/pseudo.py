@@ -25,7 +25,8 @@ PseudoLabels = dict[str, torch.Tensor]
 
 __all__ = [
     "PseudoLabels", "eval_mode", "empty_pseudo", "concat_detections", "select", "teacher_detections",
-    "weak_to_strong", "teacher_pseudo_labels", "pseudo_label_quality", "pseudo_batch", "QualityMeter",
+    "weak_to_strong", "teacher_pseudo_labels", "match_hidden", "pseudo_label_quality", "true_pseudo_labels",
+    "pseudo_batch", "QualityMeter",
 ]
 
 
@@ -126,14 +127,14 @@ def teacher_pseudo_labels(
     return weak_to_strong(weak, unlabeled, min_size=min_size, min_visible=min_visible)
 
 
-def pseudo_label_quality(
+def match_hidden(
     pseudo: PseudoLabels,
     gt_boxes: torch.Tensor,
     gt_cls: torch.Tensor,
     gt_batch_idx: torch.Tensor,
     iou: float = 0.5,
-) -> tuple[int, int, int]:
-    """(true positives, predicted boxes, hidden boxes): pseudo-label precision = tp/n_pred, recall = tp/n_gt.
+) -> torch.Tensor:
+    """(N,) bool: which pseudo boxes match a hidden box (a true positive at ``iou``).
 
     ``pseudo`` and the hidden labels must be in the same view (the hidden labels come in the
     weak view). Matching is one-to-one, same image and class, IoU >= ``iou``, decided by score:
@@ -142,9 +143,10 @@ def pseudo_label_quality(
     COCO's greedy matching). Vectorised over all boxes of the batch; rounds <= matches.
     """
     n_pred, n_gt = int(pseudo["scores"].numel()), int(gt_cls.numel())
-    if n_pred == 0 or n_gt == 0:
-        return 0, n_pred, n_gt
     device = pseudo["boxes"].device
+    matched = torch.zeros(n_pred, dtype=torch.bool, device=device)
+    if n_pred == 0 or n_gt == 0:
+        return matched
     gt_boxes, gt_cls, gt_batch_idx = gt_boxes.to(device).float(), gt_cls.to(device), gt_batch_idx.to(device)
     ious = box_iou(pseudo["boxes"].float(), gt_boxes)
     same = (pseudo["batch_idx"][:, None] == gt_batch_idx[None, :]) & (pseudo["labels"][:, None] == gt_cls[None, :])
@@ -153,11 +155,9 @@ def pseudo_label_quality(
     order = torch.argsort(pseudo["scores"], descending=True, stable=True)
     priority = torch.empty(n_pred, dtype=torch.long, device=device)
     priority[order] = torch.arange(n_pred, 0, -1, device=device)
-    pred_free = torch.ones(n_pred, dtype=torch.bool, device=device)
     gt_free = torch.ones(n_gt, dtype=torch.bool, device=device)
-    tp = 0
     while True:
-        cand = ok & pred_free[:, None] & gt_free[None, :]
+        cand = ok & ~matched[:, None] & gt_free[None, :]
         proposing = cand.any(1)
         if not bool(proposing.any()):
             break
@@ -166,10 +166,29 @@ def pseudo_label_quality(
             0, choice[proposing], priority[proposing], reduce="amax"
         )
         win = proposing & (priority == best[choice])
-        pred_free[win] = False
+        matched |= win
         gt_free[choice[win]] = False
-        tp += int(win.sum())
-    return tp, n_pred, n_gt
+    return matched
+
+
+def pseudo_label_quality(
+    pseudo: PseudoLabels,
+    gt_boxes: torch.Tensor,
+    gt_cls: torch.Tensor,
+    gt_batch_idx: torch.Tensor,
+    iou: float = 0.5,
+) -> tuple[int, int, int]:
+    """(true positives, predicted boxes, hidden boxes): pseudo-label precision = tp/n_pred, recall
+    = tp/n_gt, with the one-to-one matching of ``match_hidden``."""
+    tp = int(match_hidden(pseudo, gt_boxes, gt_cls, gt_batch_idx, iou).sum())
+    return tp, int(pseudo["scores"].numel()), int(gt_cls.numel())
+
+
+def true_pseudo_labels(pseudo: PseudoLabels, unlabeled: Batch, iou: float = 0.5) -> PseudoLabels:
+    """Only the pseudo boxes (weak view) that match a hidden label: a DIAGNOSTIC that removes the
+    teacher's false positives and keeps its misses, to tell which of the two costs more."""
+    keep = match_hidden(pseudo, unlabeled["gt_boxes"], unlabeled["gt_cls"], unlabeled["gt_batch_idx"], iou)
+    return select(pseudo, keep)
 
 
 def pseudo_batch(pseudo: PseudoLabels, unlabeled: Batch) -> Batch:

@@ -49,7 +49,15 @@ from ssod.training.methods.efficient_teacher.assigner import (
     teacher_raw,
 )
 from ssod.training.methods.efficient_teacher.two_stage import two_stage_feature_channels, two_stage_losses
-from ssod.training.pseudo import QualityMeter, eval_mode, hidden_pseudo_labels, select, weak_to_strong
+from ssod.training.pseudo import (
+    PseudoLabels,
+    QualityMeter,
+    eval_mode,
+    hidden_pseudo_labels,
+    select,
+    true_pseudo_labels,
+    weak_to_strong,
+)
 from ssod.training.pseudo_geometry import resample_maps
 
 if TYPE_CHECKING:
@@ -88,7 +96,7 @@ class EfficientTeacher(Method):
     CHOICES = {
         "unsup_norm": ("pseudo", "labeled"),
         "unsup_background": ("zero", "teacher"),
-        "pseudo_source": ("teacher", "hidden_labels"),
+        "pseudo_source": ("teacher", "hidden_labels", "teacher_true"),
     }
 
     def __init__(self, cfg: dict[str, Any]):
@@ -126,9 +134,10 @@ class EfficientTeacher(Method):
 
     def set_dataset(self, spec: Any) -> None:
         """Labeled class counts and image count from a ``DatasetSpec`` (the adaptor's prior)."""
-        if self.cfg["pseudo_source"] == "hidden_labels" and not getattr(spec, "unlabeled_hidden", None):
+        source = self.cfg["pseudo_source"]
+        if source != "teacher" and not getattr(spec, "unlabeled_hidden", None):
             raise ValueError(
-                "method 'efficient_teacher': pseudo_source hidden_labels needs `hidden_labels:` in the data "
+                f"method 'efficient_teacher': pseudo_source {source} needs `hidden_labels:` in the data "
                 "yaml (the unlabeled images' ground truth, a diagnostic only)"
             )
         nc = len(spec.names)
@@ -213,6 +222,16 @@ class EfficientTeacher(Method):
         t1, t2 = self.thresholds()
         return [float(x) for x in t1], [float(x) for x in t2]
 
+    def diagnostic_source(self, weak: PseudoLabels, unlabeled: Batch) -> PseudoLabels:
+        """The teacher's boxes, or what a diagnostic ``pseudo_source`` puts in their place (the
+        hidden labels; the teacher's boxes that match one)."""
+        source = self.cfg["pseudo_source"]
+        if source == "hidden_labels":
+            return hidden_pseudo_labels(unlabeled)
+        if source == "teacher_true":
+            return true_pseudo_labels(weak, unlabeled, self.cfg["quality_iou"])
+        return weak
+
     # --------------------------------------------------------------------------- step
     def losses(
         self, labeled: Batch, unlabeled: Batch | None, student: "Detector", teacher: "Detector | None"
@@ -249,8 +268,7 @@ class EfficientTeacher(Method):
         bu = int(unlabeled["weak"].shape[0])
         if c["adaptive_thresholds"]:
             self.observe_teacher(adaptor, weak["scores"], weak["labels"], bu)
-        if c["pseudo_source"] == "hidden_labels":
-            weak = hidden_pseudo_labels(unlabeled)
+        weak = self.diagnostic_source(weak, unlabeled)
         low = select(weak, weak["scores"] < tau1[weak["labels"]]) if c["ignore_low_score"] else None
         weak = select(weak, weak["scores"] >= tau1[weak["labels"]])
         weak["reliable"] = weak["scores"] >= tau2[weak["labels"]]

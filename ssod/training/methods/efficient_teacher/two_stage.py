@@ -45,7 +45,7 @@ from ssod.training.methods.two_stage.common import (
     slice_images,
 )
 from ssod.training.pseudo import (
-    PseudoLabels, eval_mode, hidden_pseudo_labels, select, teacher_detections, weak_to_strong,
+    PseudoLabels, eval_mode, select, teacher_detections, weak_to_strong,
 )
 
 if TYPE_CHECKING:
@@ -125,8 +125,7 @@ def two_stage_losses(
     bu, bl = int(unlabeled["weak"].shape[0]), int(labeled["img"].shape[0])
     if c["adaptive_thresholds"]:
         m.observe_teacher(adaptor, weak["scores"], weak["labels"], bu)
-    if c["pseudo_source"] == "hidden_labels":
-        weak = hidden_pseudo_labels(unlabeled)
+    weak = m.diagnostic_source(weak, unlabeled)
     weak = select(weak, weak["scores"] >= tau1[weak["labels"]])
     weak["reliable"] = weak["scores"] >= tau2[weak["labels"]]
     m.meter.add_images(bu)
