@@ -59,6 +59,7 @@ EXTRA_ROWS = {
     "et_lambda1_plain_pla": ("efficient_teacher", 0.1, {"lambda_u": 1.0, "uncertain_box_loc": 1.0}),
     "et_lambda1": ("efficient_teacher", 0.1, {"lambda_u": 1.0}),
     "et_plain_pla": ("efficient_teacher", 0.1, {"uncertain_box_loc": 1.0}),
+    "et_loc_gate": ("efficient_teacher", 0.1, {"uncertain_box_loc": 0.85}),  # the default before Run 10
     "et_labeled_norm": ("efficient_teacher", 0.1, {"unsup_norm": "labeled"}),  # the default since 2026-12-02
     "et_pseudo_norm": ("efficient_teacher", 0.1, {"unsup_norm": "pseudo"}),  # the default before
     "et_labeled_norm_lambda1": ("efficient_teacher", 0.1, {"unsup_norm": "labeled", "lambda_u": 1.0}),

@@ -369,10 +369,26 @@ def test_efficient_teacher_labeled_norm_passes_the_labeled_mass_as_floor(student
         build_method("efficient_teacher", {"unsup_norm": "mean"})
 
 
+def test_plain_pla_default_gives_uncertain_boxes_no_box_loss(student):
+    """The shipped default (uncertain_box_loc 1.0) is the paper's plain PLA, even for a perfectly sharp teacher."""
+    assert build_method("efficient_teacher", {}).cfg["uncertain_box_loc"] >= 1.0
+    student = copy.deepcopy(student).train()
+    teacher = _confident_teacher(student)
+    m = build_method("efficient_teacher", {"burn_in_epochs": 1, "domain_adaptation": False})
+    spec = SimpleNamespace(names=NAMES, train=[SimpleNamespace(cls=np.array([0, 0, 1]))] * 4, unlabeled=["x"] * 8)
+    m.hooks()[0].before_train(SimpleNamespace(spec=spec))
+    m.burn_in = False
+    labeled, unlabeled = _batches()
+    losses = m.losses(labeled, unlabeled, student, teacher)
+    assert torch.isfinite(sum(losses.values()))
+    logs = m.log_values()
+    assert logs["pl_uncertain_per_img"] > 0 and logs["pl_uncertain_box_per_img"] == 0
+
+
 def test_efficient_teacher_losses_end_to_end(student):
     student = copy.deepcopy(student).train()
     teacher = _confident_teacher(student)
-    m = build_method("efficient_teacher", {"burn_in_epochs": 1})
+    m = build_method("efficient_teacher", {"burn_in_epochs": 1, "uncertain_box_loc": 0.85})
     assert isinstance(m, EfficientTeacher) and m.uses_unlabeled
     disc = m.extra_modules(student)
     assert isinstance(disc, DomainDiscriminator) and len(disc.heads) == 3

@@ -272,7 +272,9 @@ class EfficientTeacher(Method):
         low = select(weak, weak["scores"] < tau1[weak["labels"]]) if c["ignore_low_score"] else None
         weak = select(weak, weak["scores"] >= tau1[weak["labels"]])
         weak["reliable"] = weak["scores"] >= tau2[weak["labels"]]
-        weak["box_ok"] = weak["reliable"] | (weak["loc_quality"] >= c["uncertain_box_loc"])
+        # uncertain_box_loc >= 1 is the paper's plain PLA: no uncertain box gets box loss, however sharp
+        sharp = weak["loc_quality"] >= c["uncertain_box_loc"] if c["uncertain_box_loc"] < 1.0 else False
+        weak["box_ok"] = weak["reliable"] | sharp
         self.meter.add_images(bu)
         self.meter.add_quality("pl", weak, unlabeled, iou=c["quality_iou"])
         self.meter.add_quality("pl_reliable", select(weak, weak["reliable"]), unlabeled, iou=c["quality_iou"])
