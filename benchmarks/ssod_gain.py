@@ -218,7 +218,8 @@ def plot_rows(results: dict, out_png: Path, burn_in: int) -> Path:
         ax.axvline(burn_in + 0.5, color="gray", lw=0.8, ls=":")
         ax.set_xlabel("epoch")
         ax.set_title(title, fontsize=9)
-        ax.legend(fontsize=6, ncol=2, loc="lower right")
+        if ax.get_legend_handles_labels()[0]:  # no pseudo-label lines when only supervised rows ran
+            ax.legend(fontsize=6, ncol=2, loc="lower right")
     return save_figure(fig, out_png)
 
 
