@@ -16,13 +16,15 @@ The SSOD rows' minutes therefore count only their post-burn-in epochs; the table
 Defaults: full-width yolov8n, 160 px, 20 epochs x 125 steps, burn-in 8. At 10 epochs (the budget
 of benchmarks/supervised_demo.py, about an hour for all rows) supervised training on the 200
 labeled images is still improving and every SSOD row loses to it (docs/benchmarks.md Runs 2-6);
-at 20 it has converged (flat from epoch 14) and the SSOD rows gain (Runs 6-7). The price: about
-35 minutes per supervised row and 45 per SSOD row with one thread per process, two processes at
-a time on 2 cores - about 2 hours for the six rows, twice the hour issue 3 asked for.
+at 20 it has converged (flat from epoch 14) and the SSOD rows gain (Runs 6-7). The price: 20-35
+minutes per supervised row and 25-45 per SSOD row (two hosts) with one thread per process, two
+processes at a time on 2 cores - 1.5 to 2 hours for the six rows, more than the hour issue 3 asked for.
 ``--jobs 2`` runs the rows that way by itself (supervised and oracle first, each SSOD row as soon
 as a slot is free and the supervised row has written ``epoch8.pt``); by hand, run the supervised
 row first and give other processes ``--burn-in-from <its run>/weights/epoch8.pt``. ``--epochs 10``
-gives the one-hour table.
+gives the one-hour table. One run per row moves by points with the training seed (``--seed``) and
+the data draw (``--data-seed``): run several folders and pool them with
+``benchmarks/ssod_gain_table.py``.
 """
 
 from __future__ import annotations
