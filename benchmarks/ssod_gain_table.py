@@ -1,13 +1,14 @@
 """Tables of finished ``ssod_gain.py`` runs: one per output folder, then every row pooled over them.
 
-    python benchmarks/ssod_gain_table.py runs/e20s0 runs/e20s1 runs/e20s0_seed1 [--baseline mean_teacher]
+    python benchmarks/ssod_gain_table.py runs/e20s0 runs/e20s1 runs/e20s0_seed1=runs/e20s0 [--baseline mean_teacher]
 
 A single run of a row moves by a point or more with the training seed, the data draw or the host
 (docs/benchmarks.md, issue 3), so a claim like "method A beats B" needs several tables. Each
 folder is one table (one draw, seed and host: compare rows only inside it); the pooled table gives,
 per row, the mean and range over the tables that have it of: mAP50-95 minus the supervised row,
 minus the baseline row, and the fraction of the supervised-to-oracle gap it closes (tables
-without an oracle row give no fraction). Per table it also prints val mAP50-95 at every
+without an oracle row give no fraction, unless given as ``FOLDER=OTHER``: then OTHER's oracle row
+is used, e.g. another training seed's oracle on the same data draw; the table says so). Per table it also prints val mAP50-95 at every
 evaluation from the switch and the last epoch's pseudo-label statistics (``method/pl_*``).
 """
 
@@ -31,6 +32,21 @@ def load_table(folder: Path) -> dict[str, dict]:
     if not path.exists():
         raise SystemExit(f"{path}: not found (is {folder} an ssod_gain.py --out folder?)")
     return json.loads(path.read_text())
+
+
+def load_tables(specs: list[str]) -> dict[str, dict[str, dict]]:
+    """``FOLDER`` or ``FOLDER=ORACLE_FOLDER`` -> table per name; the second form borrows the oracle row."""
+    tables = {}
+    for spec in specs:
+        folder, _, oracle_from = spec.partition("=")
+        table = load_table(Path(folder))
+        if oracle_from and "oracle_100pct" not in table:
+            oracle = load_table(Path(oracle_from)).get("oracle_100pct")
+            if oracle is None:
+                raise SystemExit(f"{oracle_from}/ssod_gain.json: no oracle_100pct row to lend to {folder}")
+            table["oracle_100pct"] = {**oracle, "borrowed_from": oracle_from}
+        tables[spec] = table
+    return tables
 
 
 def row_stats(table: dict[str, dict], row: str, baseline: str) -> dict[str, float]:
@@ -73,12 +89,13 @@ def _fmt(values: list[float], pct: bool = False) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("folders", nargs="+", type=Path, help="ssod_gain.py --out folders, one table each")
+    ap.add_argument("folders", nargs="+", help="ssod_gain.py --out folders, one table each; FOLDER=OTHER borrows "
+                    "OTHER's oracle row when FOLDER has none")
     ap.add_argument("--baseline", default="mean_teacher", help="row every other row is compared with")
     ap.add_argument("--from-epoch", type=int, default=10, help="first epoch of the printed val curves")
     args = ap.parse_args()
 
-    tables = {folder: load_table(folder) for folder in args.folders}
+    tables = load_tables(args.folders)
     for folder, table in tables.items():
         print(f"\n## {folder}\n")
         print(f"| row | {METRIC} | mAP50 | vs supervised | vs {args.baseline} | gap closed | val {METRIC} from epoch "
@@ -88,7 +105,8 @@ def main() -> None:
             s = row_stats(table, row, args.baseline)
             curve, pl = curve_and_pl(Path(table[row]["run"]), args.from_epoch)
             gap = "" if math.isnan(s["gap"]) else f"{s['gap']:.0%}"
-            print(f"| {row} | {s['map']:.4f} | {s['map50']:.4f} | {_fmt([s['vs_sup']])} | {_fmt([s['vs_base']])} "
+            name = f"{row} (from {table[row]['borrowed_from']})" if "borrowed_from" in table[row] else row
+            print(f"| {name} | {s['map']:.4f} | {s['map50']:.4f} | {_fmt([s['vs_sup']])} | {_fmt([s['vs_base']])} "
                   f"| {gap} | {curve} | {pl} |")
 
     rows = list(dict.fromkeys(r for t in tables.values() for r in t))
