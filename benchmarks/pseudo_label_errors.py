@@ -24,31 +24,20 @@ import torch
 from torchvision.ops import box_iou
 
 from ssod.training.data.formats import load_dataset
-from ssod.training.data.views import letterbox_matrix, shrink, source_matrix, transform_boxes, warp
+from ssod.training.data.loader import LabeledDataset, collate_labeled
 from ssod.training.engine.checkpoint import load_detector
 from ssod.training.methods.efficient_teacher.assigner import teacher_raw
 from ssod.training.models.yolo import dense_nms
 from ssod.training.pseudo import match_hidden
-from ssod_deploy.images import read_image_with_size
 
 SIZES = (0, 16, 24, 32, 10**9)  # object size bins: sqrt(area) in view pixels
 
 
 def load_views(spec, imgsz: int, n: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The first ``n`` unlabeled images letterboxed to ``imgsz`` and their hidden boxes in that view."""
-    views, boxes, cls, img_of = [], [], [], []
-    for i, (path, sample) in enumerate(zip(spec.unlabeled[:n], spec.unlabeled_hidden[:n])):
-        img, (h, w) = read_image_with_size(path, target_size=imgsz)
-        small = shrink(img, imgsz)
-        m = letterbox_matrix(h, w, imgsz)
-        views.append(warp(small, m @ source_matrix(small, (h, w)), imgsz))
-        boxes.append(transform_boxes(sample.boxes * np.array([w, h, w, h], dtype=np.float32), m))
-        cls.append(sample.cls)
-        img_of.append(np.full(len(sample.cls), i))
-    x = torch.from_numpy(np.stack(views)).permute(0, 3, 1, 2).float() / 255
-    gt = {"boxes": torch.from_numpy(np.concatenate(boxes)).float(), "cls": torch.from_numpy(np.concatenate(cls)).long(),
-          "img": torch.from_numpy(np.concatenate(img_of)).long()}
-    return x, gt
+    """The first ``n`` unlabeled images letterboxed to ``imgsz`` (the validation view) and their hidden boxes there."""
+    views = LabeledDataset(spec.unlabeled_hidden[:n], imgsz, train=False)
+    batch = collate_labeled([views[i] for i in range(len(views))])
+    return batch["img"], {"boxes": batch["boxes"], "cls": batch["cls"], "img": batch["batch_idx"]}
 
 
 def mirror_index(raw: list[torch.Tensor]) -> torch.Tensor:

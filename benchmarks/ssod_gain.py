@@ -225,11 +225,17 @@ def plot_rows(results: dict, out_png: Path, burn_in: int) -> Path:
     return save_figure(fig, out_png)
 
 
-def _gap_closed(row: dict, sup: dict | None, orc: dict | None, metric: str) -> str:
-    """The fraction of the supervised-to-oracle gap in ``metric`` that ``row`` closes ('' without both ends)."""
+def gap_closed(row: dict, sup: dict | None, orc: dict | None, metric: str) -> float | None:
+    """The fraction of the supervised-to-oracle gap in ``metric`` that ``row`` closes (None without both ends)."""
     if not sup or not orc or orc[metric] <= sup[metric]:
-        return ""
-    return f"{(row[metric] - sup[metric]) / (orc[metric] - sup[metric]):.0%}"
+        return None
+    return (row[metric] - sup[metric]) / (orc[metric] - sup[metric])
+
+
+def _gap_closed(row: dict, sup: dict | None, orc: dict | None, metric: str) -> str:
+    """``gap_closed`` as a table cell ('' without both ends)."""
+    g = gap_closed(row, sup, orc, metric)
+    return "" if g is None else f"{g:.0%}"
 
 
 def _supervised_burn_in(args, results_path: Path, results: dict, row: str) -> str:

@@ -21,6 +21,8 @@ import math
 from pathlib import Path
 from statistics import mean
 
+from ssod_gain import gap_closed  # same folder: run as python benchmarks/ssod_gain_table.py
+
 METRIC = "mAP50-95"
 PL_KEYS = ("pl_reliable_per_img", "pl_uncertain_per_img", "pl_reliable_precision", "pl_reliable_recall",
            "pl_precision", "pl_recall", "da_acc")
@@ -53,13 +55,13 @@ def row_stats(table: dict[str, dict], row: str, baseline: str) -> dict[str, floa
     """mAP50-95 of ``row`` against the table's supervised, baseline and oracle rows (NaN when absent)."""
     r, sup, base, orc = (table.get(k) for k in (row, "supervised", baseline, "oracle_100pct"))
     nan = float("nan")
-    gap = (r[METRIC] - sup[METRIC]) / (orc[METRIC] - sup[METRIC]) if sup and orc and orc[METRIC] > sup[METRIC] else nan
+    gap = gap_closed(r, sup, orc, METRIC)
     return {
         "map": r[METRIC],
         "map50": r["mAP50"],
         "vs_sup": (r[METRIC] - sup[METRIC]) * 100 if sup else nan,
         "vs_base": (r[METRIC] - base[METRIC]) * 100 if base else nan,
-        "gap": gap,
+        "gap": nan if gap is None else gap,
     }
 
 
