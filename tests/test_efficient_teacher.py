@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import copy
+import math
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from ssod.training.methods.base import build_method
+from ssod.training.methods.base import build_method, sigmoid_rampup
 from ssod.training.methods.efficient_teacher import EfficientTeacher
 from ssod.training.methods.efficient_teacher.adaptor import DomainDiscriminator, EpochAdaptor, threshold_for_count
 from ssod.training.methods.efficient_teacher.assigner import (
@@ -429,6 +430,36 @@ def test_efficient_teacher_losses_end_to_end(student):
     assert fresh.state_dict()["tau1"] == state["tau1"]
 
 
+def test_sigmoid_rampup_shape():
+    assert sigmoid_rampup(0.0, 3.0) == pytest.approx(math.exp(-5))
+    assert sigmoid_rampup(1.5, 3.0) == pytest.approx(math.exp(-1.25))
+    assert sigmoid_rampup(3.0, 3.0) == sigmoid_rampup(9.0, 3.0) == 1.0
+    assert sigmoid_rampup(-1.0, 3.0) == pytest.approx(math.exp(-5))  # before the switch: clipped
+    assert sigmoid_rampup(0.0, 0.0) == 1.0  # no ramp
+    xs = [sigmoid_rampup(x / 10, 3.0) for x in range(31)]
+    assert all(a < b for a, b in zip(xs, xs[1:]))
+
+
+def test_unsup_warmup_scales_only_the_unsupervised_terms(student):
+    """``unsup_warmup_epochs``: lambda_u * ramp(epochs since the switch) on the unsupervised terms;
+    the supervised term and the pseudo labels are untouched."""
+    student = copy.deepcopy(student).train()
+    teacher = _confident_teacher(student)
+    labeled, unlabeled = _batches()
+    out = {}
+    for warm, epochs in ((0.0, 0.0), (2.0, 0.5), (2.0, 2.5)):
+        m = build_method("efficient_teacher", {"unsup_warmup_epochs": warm, "domain_adaptation": False})
+        m.burn_in, m.ssod_epochs = False, epochs
+        out[(warm, epochs)] = {k: float(v.detach()) for k, v in m.losses(labeled, unlabeled, student, teacher).items()}
+        assert m.step_log["lambda_u"] == pytest.approx(3.0 * sigmoid_rampup(epochs, warm))
+    full, early, done = out[(0.0, 0.0)], out[(2.0, 0.5)], out[(2.0, 2.5)]
+    assert full["unsup_cls"] > 0
+    for k in ("unsup_cls", "unsup_box", "unsup_dfl"):
+        assert early[k] == pytest.approx(full[k] * math.exp(-5 * 0.75**2), rel=1e-5)
+        assert done[k] == pytest.approx(full[k], rel=1e-5)
+    assert early["sup"] == pytest.approx(full["sup"], rel=1e-6)
+
+
 def test_hidden_labels_pseudo_source_replaces_the_teacher_boxes(student, monkeypatch):
     """The diagnostic ``pseudo_source: hidden_labels``: the unlabeled loss gets exactly the hidden
     box (weak view, mapped into the strong one) as a reliable target, whatever the teacher says;
@@ -636,7 +667,7 @@ def test_two_epoch_run_saves_thresholds_in_checkpoint(tiny_cfg):
     from ssod.training.engine.checkpoint import load_checkpoint
     from ssod.training.engine.trainer import Trainer
 
-    trainer = Trainer(tiny_cfg(method="efficient_teacher", burn_in_epochs=1))
+    trainer = Trainer(tiny_cfg(method="efficient_teacher", burn_in_epochs=1, method_cfg={"unsup_warmup_epochs": 2.0}))
     assert trainer.extra is not None  # the domain discriminator is trained with the student
     run = trainer.train()["run_dir"]
     ckpt = load_checkpoint(f"{run}/weights/last.pt")
@@ -647,3 +678,5 @@ def test_two_epoch_run_saves_thresholds_in_checkpoint(tiny_cfg):
     assert ckpt["export_metadata"]["tau2"] == state["tau2"] and ckpt["extra"]
     row = list(csv.DictReader(open(f"{run}/results.csv")))[-1]
     assert {"method/tau1_0", "method/tau2_0", "method/pl_reliable_per_img", "method/pl_uncertain_per_img"} <= set(row)
+    # the trainer tells the method how far past the switch each step is: the ramp's first half
+    assert sigmoid_rampup(0.0, 2.0) * 3 < float(row["train/lambda_u"]) < sigmoid_rampup(1.0, 2.0) * 3

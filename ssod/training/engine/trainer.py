@@ -259,6 +259,7 @@ class Trainer:
                     skipped += self._report_skipped(labeled, unlabeled)
                     self._call("before_step")
                     lr = self.set_lr()
+                    self.method.ssod_epochs = self.iteration / len(self.loader) - self.burn_in_epochs
                     logs = self.run_step(labeled, unlabeled)
                     step_logs.append(logs)
                     self.iteration += 1

@@ -10,6 +10,7 @@ and is saved by the checkpoint hook. A method may add trainer hooks through ``ho
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -43,6 +44,7 @@ class Method:
         self.cfg = method_config(self.name, self.DEFAULTS, dict(cfg), self.FRACTIONS, self.CHOICES)
         self.epoch = 0
         self.burn_in = False  # True while only the supervised part runs (set by the trainer)
+        self.ssod_epochs = 0.0  # epochs (fractional, per step) since pseudo labels started (set by the trainer)
         # Extra per-step numbers to log (not summed into the loss), e.g. loss parts.
         self.step_log: dict[str, float] = {}
 
@@ -71,6 +73,15 @@ class Method:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+
+def sigmoid_rampup(epochs: float, length: float) -> float:
+    """exp(-5 (1 - t)^2), t = epochs / length clipped to [0, 1]: the unsupervised weight ramp of
+    Laine & Aila (2017) and Tarvainen & Valpola's Mean Teacher (2017); 1 when ``length`` <= 0."""
+    if length <= 0:
+        return 1.0
+    t = min(max(epochs / length, 0.0), 1.0)
+    return float(math.exp(-5.0 * (1.0 - t) ** 2))
 
 
 def method_config(

@@ -39,7 +39,7 @@ from torch import nn
 
 from ssod.training.data.batch import Batch
 from ssod.training.engine.hooks import Hook
-from ssod.training.methods.base import Method, register_method
+from ssod.training.methods.base import Method, register_method, sigmoid_rampup
 from ssod.training.methods.efficient_teacher.adaptor import DomainDiscriminator, EpochAdaptor
 from ssod.training.methods.efficient_teacher.assigner import (
     PseudoLabelAssigner,
@@ -313,13 +313,15 @@ class EfficientTeacher(Method):
         uns = pla([r[bl:] for r in raw], strong, ignore, min_norm=norm, background=bg)
         if ignore is not None:
             self.meter.add_count("pl_ignore_regions", len(ignore["scores"]))
+        lam = c["lambda_u"] * sigmoid_rampup(self.ssod_epochs, c["unsup_warmup_epochs"])
         out = {
             "sup": (sup["box"] + sup["cls"] + sup["dfl"]) * bl,
-            "unsup_cls": c["lambda_u"] * bu * uns["cls"],
-            "unsup_box": c["lambda_u"] * bu * uns["box"],
-            "unsup_dfl": c["lambda_u"] * bu * uns["dfl"],
+            "unsup_cls": lam * bu * uns["cls"],
+            "unsup_box": lam * bu * uns["box"],
+            "unsup_dfl": lam * bu * uns["dfl"],
         }
         self.step_log = {
+            "lambda_u": lam,
             **{f"sup_{k}": float(sup[k].detach()) for k in ("box", "cls", "dfl")},
             "pl_reliable_per_img": n_rel / max(bu, 1),
             "pl_uncertain_per_img": n_unc / max(bu, 1),
