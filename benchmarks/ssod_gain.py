@@ -62,6 +62,7 @@ EXTRA_ROWS = {
     "et_lambda1": ("efficient_teacher", 0.1, {"lambda_u": 1.0}),
     "et_rampup": ("efficient_teacher", 0.1, {"unsup_warmup_epochs": 3.0}),
     "et_lambda1_rampup": ("efficient_teacher", 0.1, {"lambda_u": 1.0, "unsup_warmup_epochs": 3.0}),
+    "mt_rampup": ("mean_teacher", 0.1, {"unsup_warmup_epochs": 3.0}),
     "et_plain_pla": ("efficient_teacher", 0.1, {"uncertain_box_loc": 1.0}),
     "et_loc_gate": ("efficient_teacher", 0.1, {"uncertain_box_loc": 0.85}),  # the default before Run 10
     "et_labeled_norm": ("efficient_teacher", 0.1, {"unsup_norm": "labeled"}),  # the default since 2026-12-02

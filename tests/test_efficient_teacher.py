@@ -440,7 +440,8 @@ def test_sigmoid_rampup_shape():
     assert all(a < b for a, b in zip(xs, xs[1:]))
 
 
-def test_unsup_warmup_scales_only_the_unsupervised_terms(student):
+@pytest.mark.parametrize("method", ["efficient_teacher", "mean_teacher"])
+def test_unsup_warmup_scales_only_the_unsupervised_terms(student, method):
     """``unsup_warmup_epochs``: lambda_u * ramp(epochs since the switch) on the unsupervised terms;
     the supervised term and the pseudo labels are untouched."""
     student = copy.deepcopy(student).train()
@@ -448,13 +449,15 @@ def test_unsup_warmup_scales_only_the_unsupervised_terms(student):
     labeled, unlabeled = _batches()
     out = {}
     for warm, epochs in ((0.0, 0.0), (2.0, 0.5), (2.0, 2.5)):
-        m = build_method("efficient_teacher", {"unsup_warmup_epochs": warm, "domain_adaptation": False})
+        m = build_method(method, {"unsup_warmup_epochs": warm, "domain_adaptation": False}
+                         if method == "efficient_teacher" else {"unsup_warmup_epochs": warm})
         m.burn_in, m.ssod_epochs = False, epochs
         out[(warm, epochs)] = {k: float(v.detach()) for k, v in m.losses(labeled, unlabeled, student, teacher).items()}
-        assert m.step_log["lambda_u"] == pytest.approx(3.0 * sigmoid_rampup(epochs, warm))
+        assert m.step_log["lambda_u"] == pytest.approx(m.cfg["lambda_u"] * sigmoid_rampup(epochs, warm))
     full, early, done = out[(0.0, 0.0)], out[(2.0, 0.5)], out[(2.0, 2.5)]
-    assert full["unsup_cls"] > 0
-    for k in ("unsup_cls", "unsup_box", "unsup_dfl"):
+    unsup = [k for k in full if k.startswith("unsup")]
+    assert unsup and all(full[k] > 0 for k in unsup)
+    for k in unsup:
         assert early[k] == pytest.approx(full[k] * math.exp(-5 * 0.75**2), rel=1e-5)
         assert done[k] == pytest.approx(full[k], rel=1e-5)
     assert early["sup"] == pytest.approx(full["sup"], rel=1e-6)

@@ -60,6 +60,12 @@ class Method:
     def hooks(self) -> list["Hook"]:
         return []
 
+    def unsup_weight(self) -> float:
+        """``lambda_u`` at this step: ramped up over ``unsup_warmup_epochs`` after the switch
+        (methods whose config has no such key get the full weight at once)."""
+        ramp = sigmoid_rampup(self.ssod_epochs, float(self.cfg.get("unsup_warmup_epochs", 0.0)))
+        return float(self.cfg["lambda_u"]) * ramp
+
     def log_values(self) -> dict[str, float]:
         """Numbers the metrics logger writes to the CSV after each epoch."""
         return {}

@@ -79,7 +79,9 @@ class MeanTeacher(MeteredMethod):
         unsup, uparts = student.loss(pseudo_batch(strong, unlabeled))
         self.step_log.update({f"unsup_{k}": float(v) for k, v in uparts.items()})
         self.step_log["pl_boxes_per_img"] = len(strong["scores"]) / max(unlabeled["weak"].shape[0], 1)
-        return {"sup": sup, "unsup": c["lambda_u"] * unsup}
+        lam = self.unsup_weight()
+        self.step_log["lambda_u"] = lam
+        return {"sup": sup, "unsup": lam * unsup}
 
     def log_values(self) -> dict[str, float]:
         return {**self.meter.values(), "threshold": float(self.cfg["threshold"])}

@@ -39,7 +39,7 @@ from torch import nn
 
 from ssod.training.data.batch import Batch
 from ssod.training.engine.hooks import Hook
-from ssod.training.methods.base import Method, register_method, sigmoid_rampup
+from ssod.training.methods.base import Method, register_method
 from ssod.training.methods.efficient_teacher.adaptor import DomainDiscriminator, EpochAdaptor
 from ssod.training.methods.efficient_teacher.assigner import (
     PseudoLabelAssigner,
@@ -313,7 +313,7 @@ class EfficientTeacher(Method):
         uns = pla([r[bl:] for r in raw], strong, ignore, min_norm=norm, background=bg)
         if ignore is not None:
             self.meter.add_count("pl_ignore_regions", len(ignore["scores"]))
-        lam = c["lambda_u"] * sigmoid_rampup(self.ssod_epochs, c["unsup_warmup_epochs"])
+        lam = self.unsup_weight()
         out = {
             "sup": (sup["box"] + sup["cls"] + sup["dfl"]) * bl,
             "unsup_cls": lam * bu * uns["cls"],
