@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torchvision.ops import box_iou
 
 from ssod.training.data.formats import load_dataset
@@ -67,6 +68,11 @@ def detect(model, x: torch.Tensor, flip_tta: bool, conf: float, iou: float, batc
     return {k: torch.cat([o[k] for o in out]) for k in ("boxes", "scores", "labels", "batch_idx")}
 
 
+def rescaled(dets: dict[str, torch.Tensor], factor: float) -> dict[str, torch.Tensor]:
+    """Boxes of an enlarged view back in the imgsz view (letterbox and resize scale together)."""
+    return {**dets, "boxes": dets["boxes"] * factor}
+
+
 def top_per_class(dets: dict[str, torch.Tensor], counts: np.ndarray) -> dict[str, torch.Tensor]:
     """The ``counts[c]`` highest-scoring boxes of each class c (the adaptor's count rule)."""
     keep = torch.zeros(len(dets["scores"]), dtype=torch.bool)
@@ -106,6 +112,9 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=0.6, help="tau2 keeps alpha x the tau1 count (seed 004: 60%%)")
     ap.add_argument("--conf", type=float, default=0.05, help="detection floor (efficient_teacher tau1_bounds[0])")
     ap.add_argument("--iou", type=float, default=0.65, help="teacher NMS IoU (efficient_teacher nms_iou)")
+    ap.add_argument("--scales", type=float, nargs="*", default=[],
+                    help="also run the teacher on views enlarged by these factors (bilinear from the imgsz view, "
+                         "and letterboxed from the file at that size), boxes mapped back")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("SSOD_THREADS", os.cpu_count() or 1)))
 
@@ -121,8 +130,17 @@ def main() -> None:
     print("| teacher | set | boxes/img | precision | recall | tp | wrong class | poor box / duplicate | background "
           "| recall by size " + " / ".join(f"{lo}-{hi if hi < 10**9 else ''}" for lo, hi in zip(SIZES[:-1], SIZES[1:])) + " px |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for name, flip in (("single view", False), ("flip-averaged", True)):
-        dets = detect(model, x, flip, args.conf, args.iou)
+    runs = [("single view", lambda: detect(model, x, False, args.conf, args.iou)),
+            ("flip-averaged", lambda: detect(model, x, True, args.conf, args.iou))]
+    for scale in args.scales:
+        size = int(round(args.imgsz * scale / 32)) * 32
+        runs.append((f"x{size / args.imgsz:.2f} bilinear", lambda size=size: rescaled(
+            detect(model, F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False), False, args.conf, args.iou),
+            args.imgsz / size)))
+        runs.append((f"x{size / args.imgsz:.2f} from the file", lambda size=size: rescaled(
+            detect(model, load_views(spec, size, args.n)[0], False, args.conf, args.iou), args.imgsz / size)))
+    for name, run in runs:
+        dets = run()
         for label, kept in ((f"tau2 count ({args.alpha:.0%})", top_per_class(dets, counts * args.alpha)),
                             ("tau1 count (100%)", top_per_class(dets, counts)), (f"all >= {args.conf}", dets)):
             kinds = error_kinds(kept, gt)

@@ -65,6 +65,9 @@ EXTRA_ROWS = {
     "mt_rampup": ("mean_teacher", 0.1, {"unsup_warmup_epochs": 3.0}),
     # the class term at lambda 1, box and DFL at lambda 3: the teacher's wrong labels are mostly
     # wrong classes on right boxes (Run 11), so its boxes may bear more weight than its classes
+    # the teacher also on a 1.6x weak view for small objects (teacher_scales, SED's larger teacher scale)
+    "et_multiscale": ("efficient_teacher", 0.1, {"teacher_scales": [1.0, 1.6]}),
+    "et_lambda1_multiscale": ("efficient_teacher", 0.1, {"lambda_u": 1.0, "teacher_scales": [1.0, 1.6]}),
     "et_lambda1_box3": ("efficient_teacher", 0.1, {"lambda_u": 1.0, "unsup_box_weight": 3.0, "unsup_dfl_weight": 3.0}),
     "et_plain_pla": ("efficient_teacher", 0.1, {"uncertain_box_loc": 1.0}),
     "et_loc_gate": ("efficient_teacher", 0.1, {"uncertain_box_loc": 0.85}),  # the default before Run 10

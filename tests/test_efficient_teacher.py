@@ -19,6 +19,8 @@ from ssod.training.methods.efficient_teacher.assigner import (
     inside_any,
     labeled_targets,
     localization_quality,
+    multiscale_teacher_detections,
+    side_of,
 )
 from ssod.training.methods.grl import grad_reverse
 
@@ -174,6 +176,49 @@ def test_dense_teacher_detections_match_predict(student):
         assert torch.allclose(dets["scores"][mine], r["scores"])
         assert torch.equal(dets["labels"][mine], r["labels"])
     assert dets["loc_quality"].shape == dets["scores"].shape
+
+
+def test_multiscale_teacher_keeps_each_scale_in_its_size_range(student):
+    """[1.0] is the plain pass; [1.0, 1.5] keeps 1x boxes >= 2 finest-stride cells and the enlarged
+    pass's boxes (mapped back) < 4 cells, merged by one class-aware NMS with max_det per image."""
+    from torchvision.ops import box_iou
+
+    teacher = copy.deepcopy(student).eval()
+    with torch.no_grad():  # level i: class i at 0.88, every edge one cell away -> boxes 2 cells wide
+        for i in range(3):
+            cls, box = teacher.head.cv3[i][-1], teacher.head.cv2[i][-1]
+            cls.weight.zero_()
+            cls.bias.fill_(-10.0)
+            cls.bias[i] = 2.0
+            box.weight.zero_()
+            box.bias.fill_(-10.0)
+            box.bias.view(4, -1)[:, 1] = 10.0
+    torch.manual_seed(1)
+    img = torch.rand(2, 3, S, S)
+    one = dense_teacher_detections(teacher, img, conf=0.0, iou=0.65, max_det=300)
+    same = multiscale_teacher_detections(teacher, img, 0.0, 0.65, 300, [1.0])
+    assert all(torch.equal(one[k], same[k]) for k in one)
+    cell = float(min(teacher.stride))
+    big = dense_teacher_detections(teacher, torch.nn.functional.interpolate(img, size=(96, 96), mode="bilinear"),
+                                   conf=0.0, iou=0.65, max_det=300)
+    big_boxes = big["boxes"] * S / 96
+    fused = multiscale_teacher_detections(teacher, img, 0.0, 0.65, 300, [1.0, 1.5])
+    assert len(fused["scores"]) > 0 and set(fused) == set(one)
+    side = side_of(fused["boxes"])
+    for i in range(len(fused["scores"])):
+        b, bi = fused["boxes"][i], fused["batch_idx"][i]
+        from_one = ((one["boxes"] - b).abs().amax(1) < 1e-4) & (one["batch_idx"] == bi)
+        from_big = ((big_boxes - b).abs().amax(1) < 1e-4) & (big["batch_idx"] == bi)
+        assert (from_one.any() and side[i] >= 2 * cell) or (from_big.any() and side[i] < 4 * cell)
+    assert (side < 2 * cell).any() and (side >= 4 * cell).any()  # both passes contribute
+    for i in range(2):  # NMS held across the passes
+        m = fused["batch_idx"] == i
+        iou = box_iou(fused["boxes"][m], fused["boxes"][m]).fill_diagonal_(0)
+        same_cls = fused["labels"][m][:, None] == fused["labels"][m][None]
+        assert not ((iou > 0.65) & same_cls).any()
+    capped = multiscale_teacher_detections(teacher, img, 0.0, 0.65, 3, [1.0, 1.5])
+    assert torch.bincount(capped["batch_idx"], minlength=2).tolist() == [3, 3]
+    assert torch.equal(capped["batch_idx"], capped["batch_idx"].sort().values)
 
 
 # ----------------------------------------------------------------------------------- Epoch Adaptor

@@ -34,6 +34,7 @@ class Method:
     DEFAULTS: dict[str, Any] = {}
     FRACTIONS: tuple[str, ...] = ()
     CHOICES: dict[str, tuple[str, ...]] = {}
+    ANY_LENGTH: tuple[str, ...] = ()  # list keys whose length may differ from the default's
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -41,7 +42,7 @@ class Method:
             cls.DEFAULTS = method_defaults(cls.name)
 
     def __init__(self, cfg: dict[str, Any]):
-        self.cfg = method_config(self.name, self.DEFAULTS, dict(cfg), self.FRACTIONS, self.CHOICES)
+        self.cfg = method_config(self.name, self.DEFAULTS, dict(cfg), self.FRACTIONS, self.CHOICES, self.ANY_LENGTH)
         self.epoch = 0
         self.burn_in = False  # True while only the supervised part runs (set by the trainer)
         self.ssod_epochs = 0.0  # epochs (fractional, per step) since pseudo labels started (set by the trainer)
@@ -96,6 +97,7 @@ def method_config(
     cfg: dict[str, Any],
     fractions: tuple[str, ...] = (),
     choices: dict[str, tuple[str, ...]] | None = None,
+    any_length: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """``defaults`` updated with ``cfg``; an unknown key is an error (a typo must not pass silently).
 
@@ -123,10 +125,13 @@ def method_config(
                 raise ValueError(f"method '{name}': method_cfg '{k}' must be an integer, got {v!r}")
             v = type(d)(v)
         elif isinstance(d, (list, tuple)):
-            if not isinstance(v, (list, tuple)) or len(v) != len(d) or not all(
+            is_list = isinstance(v, (list, tuple))
+            n_ok = is_list and (len(v) >= 1 if k in any_length else len(v) == len(d))
+            if not n_ok or not all(
                 isinstance(x, (int, float)) and not isinstance(x, bool) for x in v
             ):
-                raise ValueError(f"method '{name}': method_cfg '{k}' must be a list of {len(d)} numbers, got {v!r}")
+                size = "one or more" if k in any_length else str(len(d))
+                raise ValueError(f"method '{name}': method_cfg '{k}' must be a list of {size} numbers, got {v!r}")
             v = [float(x) for x in v]
         out[k] = v
     for k in fractions:

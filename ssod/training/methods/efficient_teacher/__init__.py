@@ -44,8 +44,8 @@ from ssod.training.methods.efficient_teacher.adaptor import DomainDiscriminator,
 from ssod.training.methods.efficient_teacher.assigner import (
     PseudoLabelAssigner,
     class_maps,
-    dense_teacher_detections,
     labeled_targets,
+    multiscale_teacher_detections,
     teacher_raw,
 )
 from ssod.training.methods.efficient_teacher.two_stage import two_stage_feature_channels, two_stage_losses
@@ -98,12 +98,15 @@ class EfficientTeacher(Method):
         "unsup_background": ("zero", "teacher"),
         "pseudo_source": ("teacher", "hidden_labels", "teacher_true"),
     }
+    ANY_LENGTH = ("teacher_scales",)
 
     def __init__(self, cfg: dict[str, Any]):
         super().__init__(cfg)
         c = self.cfg
         if not 0.0 <= c["tau1"] <= c["tau2"] <= 1.0:
             raise ValueError(f"method 'efficient_teacher': need 0 <= tau1 <= tau2 <= 1, got {c['tau1']}, {c['tau2']}")
+        if not all(1.0 <= x <= 4.0 for x in c["teacher_scales"]):
+            raise ValueError(f"method 'efficient_teacher': teacher_scales must lie in [1, 4], got {c['teacher_scales']}")
         self.names: list[str] | None = None
         self.adaptor: EpochAdaptor | None = None
         self.disc: DomainDiscriminator | None = None
@@ -264,7 +267,9 @@ class EfficientTeacher(Method):
         tau1, tau2 = self.thresholds(device)
         floor = adaptor.floor() if c["adaptive_thresholds"] else float(tau1.min())
         raw_t = teacher_raw(teacher, unlabeled["weak"])
-        weak = dense_teacher_detections(teacher, unlabeled["weak"], floor, c["nms_iou"], c["max_det"], raw=raw_t)
+        weak = multiscale_teacher_detections(
+            teacher, unlabeled["weak"], floor, c["nms_iou"], c["max_det"], c["teacher_scales"], raw=raw_t
+        )
         bu = int(unlabeled["weak"].shape[0])
         if c["adaptive_thresholds"]:
             self.observe_teacher(adaptor, weak["scores"], weak["labels"], bu)

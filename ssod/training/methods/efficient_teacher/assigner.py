@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "pad_per_image", "inside_any", "localization_quality", "teacher_raw", "class_maps", "dense_teacher_detections",
-    "PseudoLabelAssigner", "labeled_targets",
+    "multiscale_teacher_detections", "nms_per_image", "side_of", "PseudoLabelAssigner", "labeled_targets",
 ]
 
 
@@ -98,6 +98,20 @@ def class_maps(raw: list[torch.Tensor], reg_max: int) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
+def nms_per_image(
+    boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, batch_idx: torch.Tensor,
+    iou: float, max_det: int, batch_size: int, nc: int,
+) -> torch.Tensor:
+    """Indices kept by class-aware NMS (one ``batched_nms`` for the batch), grouped by image in
+    score order, at most ``max_det`` per image."""
+    keep = torchvision.ops.batched_nms(boxes, scores, batch_idx * nc + labels, iou)  # score-descending
+    keep = keep[torch.sort(batch_idx[keep], stable=True).indices]  # group by image, score order kept inside
+    img_of = batch_idx[keep]
+    counts = torch.bincount(img_of, minlength=batch_size)
+    rank = torch.arange(len(keep), device=keep.device) - (torch.cumsum(counts, 0) - counts)[img_of]
+    return keep[rank < max_det]
+
+
 def dense_teacher_detections(
     teacher: "Detector", img: torch.Tensor, conf: float, iou: float, max_det: int, max_nms: int = 30000,
     raw: list[torch.Tensor] | None = None,
@@ -125,13 +139,7 @@ def dense_teacher_detections(
     h, w = img.shape[-2:]
     boxes = torch.minimum(boxes.clamp(min=0), boxes.new_tensor([w, h, w, h]))
     s, lab = scores[bi, ai], labels[bi, ai]
-    keep = torchvision.ops.batched_nms(boxes, s, bi * nc + lab, iou)  # score-descending
-    order = torch.sort(bi[keep], stable=True).indices  # group by image, score order kept inside
-    keep = keep[order]
-    img_of = bi[keep]
-    counts = torch.bincount(img_of, minlength=b)
-    rank = torch.arange(len(keep), device=keep.device) - (torch.cumsum(counts, 0) - counts)[img_of]
-    keep = keep[rank < max_det]
+    keep = nms_per_image(boxes, s, lab, bi, iou, max_det, b, nc)
     dist = torch.cat([x[:, : 4 * r].flatten(2) for x in raw], 2)  # (B, 4R, A)
     loc = localization_quality(dist[bi[keep], :, ai[keep]].reshape(-1, 4, r))
     return {
@@ -141,6 +149,46 @@ def dense_teacher_detections(
         "batch_idx": bi[keep].long(),
         "loc_quality": loc,
     }
+
+
+def multiscale_teacher_detections(
+    teacher: "Detector", img: torch.Tensor, conf: float, iou: float, max_det: int, scales: list[float],
+    raw: list[torch.Tensor] | None = None,
+) -> PseudoLabels:
+    """Teacher detections fused over enlarged copies of ``img`` (scale-aware test-time augmentation).
+
+    Why: a detector misses objects only a couple of cells of its finest stride wide; enlarged, the
+    same objects are found (SED, Guo et al. CVPR 2022, gives the teacher the larger scale for the
+    same reason), while large objects degrade once they outgrow the sizes the model was trained on.
+    So each pass keeps the sizes it sees well - the 1x pass boxes at least 2 finest-stride cells
+    wide (sqrt of the area, 16 px at stride 8), each enlarged pass (bilinear, to a stride multiple)
+    boxes under 4 cells in ``img`` pixels - and one class-aware NMS merges them (``max_det`` per
+    image). The size rule is the model's, not the data's: it is in units of its finest stride.
+    ``scales`` [1.0] is one plain pass; 1.0 is always included.
+    """
+    base = dense_teacher_detections(teacher, img, conf, iou, max_det, raw=raw)
+    extra = sorted({float(x) for x in scales} - {1.0})
+    if not extra:
+        return base
+    stride = int(torch.as_tensor(teacher.stride).max())
+    cell = float(torch.as_tensor(teacher.stride).min())
+    h, w = img.shape[-2:]
+    parts = [{k: v[side_of(base["boxes"]) >= 2 * cell] for k, v in base.items()}]
+    for f in extra:
+        size = (max(stride, round(h * f / stride) * stride), max(stride, round(w * f / stride) * stride))
+        d = dense_teacher_detections(teacher, F.interpolate(img, size=size, mode="bilinear", align_corners=False),
+                                     conf, iou, max_det)
+        d["boxes"] = d["boxes"] * d["boxes"].new_tensor([w / size[1], h / size[0]] * 2)
+        parts.append({k: v[side_of(d["boxes"]) < 4 * cell] for k, v in d.items()})
+    fused = {k: torch.cat([p[k] for p in parts]) for k in base}
+    keep = nms_per_image(fused["boxes"], fused["scores"], fused["labels"], fused["batch_idx"], iou, max_det,
+                         int(img.shape[0]), len(teacher.names))
+    return {k: v[keep] for k, v in fused.items()}
+
+
+def side_of(boxes: torch.Tensor) -> torch.Tensor:
+    """sqrt(area) of xyxy boxes: one size for any aspect ratio."""
+    return (boxes[:, 2:] - boxes[:, :2]).clamp(min=0).prod(1).sqrt()
 
 
 def inside_any(points: torch.Tensor, boxes: torch.Tensor, batch_idx: torch.Tensor, batch_size: int) -> torch.Tensor:
