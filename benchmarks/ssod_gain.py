@@ -100,11 +100,13 @@ def config(args, data: Path, method: str, method_cfg: dict, name: str, **kw) -> 
     )
 
 
-def step_cost(args, data: Path, method_name: str = "efficient_teacher", n: int = 12) -> dict:
+def step_cost(args, data: Path, method_name: str = "efficient_teacher", n: int = 12,
+              method_cfg: dict | None = None) -> dict:
     """Seconds per step: an SSOD method (B labeled + B unlabeled) vs supervised on 2B labeled."""
     out = {}
-    for label, method, batch in (("supervised_2B", "supervised", 2 * args.batch), ("ssod", method_name, args.batch)):
-        cfg = config(args, data, method, {}, f"cost-{label}", burn_in_epochs=0)
+    for label, method, batch, mcfg in (("supervised_2B", "supervised", 2 * args.batch, {}),
+                                       ("ssod", method_name, args.batch, method_cfg or {})):
+        cfg = config(args, data, method, mcfg, f"cost-{label}", burn_in_epochs=0)
         cfg["batch"], cfg["workers"] = batch, 0
         t = Trainer(cfg)
         t.method.epoch, t.method.burn_in = 0, False
@@ -276,6 +278,8 @@ def main(rows: dict = ROWS, cost_methods: tuple[str, ...] = ("efficient_teacher"
     ap.add_argument("--out", default="runs/bench-ssod")
     ap.add_argument("--data-root", default="runs/bench-data")
     ap.add_argument("--no-cost", action="store_true")
+    ap.add_argument("--cost-rows", default=",".join(cost_methods),
+                    help="rows (or method names) whose SSOD step is timed against a supervised one")
     ap.add_argument("--burn-in-from", default=None,
                     help="fork SSOD rows from this checkpoint (e.g. a running supervised row's epoch<burn-in>.pt) "
                          "instead of waiting for the supervised row to finish")
@@ -330,10 +334,11 @@ def main(rows: dict = ROWS, cost_methods: tuple[str, ...] = ("efficient_teacher"
     if results:
         print(f"\ncurves: {plot_rows(results, Path(args.out) / 'ssod_gain.png', args.burn_in)}")
     if not args.no_cost:
-        for m in cost_methods:
-            c = step_cost(args, data[0.1], m)
+        for name in filter(None, args.cost_rows.split(",")):
+            method, _, mcfg = table.get(name, (name, 0.1, {}))
+            c = step_cost(args, data[0.1], method, method_cfg=mcfg)
             print(f"\nstep cost (median s/step): supervised on {2 * args.batch} labeled {c['supervised_2B']:.3f}, "
-                  f"{m} {args.batch}+{args.batch} {c['ssod']:.3f} -> overhead {c['overhead']:+.0%}")
+                  f"{name} {args.batch}+{args.batch} {c['ssod']:.3f} -> overhead {c['overhead']:+.0%}")
 
 
 if __name__ == "__main__":
