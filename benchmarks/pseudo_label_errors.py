@@ -9,8 +9,9 @@ N_u / N_l (the tau1 count) and alpha of it (the tau2 count). For both sets: prec
 at IoU 0.5, the kept boxes split by error kind (right class; an object's box with the wrong class;
 the right class but IoU < 0.5 or a duplicate; background), and recall by object size. A second
 pass averages the teacher's dense outputs with those of the mirrored image (flip test-time
-augmentation, what a second teacher forward per step would buy). Needs ``hidden_labels:`` in the
-data.yaml (the demo data has them).
+augmentation, what a second teacher forward per step would buy). ``--scales 1.6`` adds the teacher
+on enlarged views (alone, and fused with the 1x pass as efficient_teacher's ``teacher_scales``
+does). Needs ``hidden_labels:`` in the data.yaml (the demo data has them).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from torchvision.ops import box_iou
 from ssod.training.data.formats import load_dataset
 from ssod.training.data.loader import LabeledDataset, collate_labeled
 from ssod.training.engine.checkpoint import load_detector
-from ssod.training.methods.efficient_teacher.assigner import teacher_raw
+from ssod.training.methods.efficient_teacher.assigner import multiscale_teacher_detections, teacher_raw
 from ssod.training.models.yolo import dense_nms
 from ssod.training.pseudo import match_hidden
 
@@ -65,6 +66,16 @@ def detect(model, x: torch.Tensor, flip_tta: bool, conf: float, iou: float, batc
             dec = (dec + mir) / 2
         for j, d in enumerate(dense_nms(dec, conf, iou, 100, tuple(xb.shape[-2:]))):
             out.append({**d, "batch_idx": torch.full_like(d["labels"], s + j)})
+    return {k: torch.cat([o[k] for o in out]) for k in ("boxes", "scores", "labels", "batch_idx")}
+
+
+@torch.no_grad()
+def detect_multiscale(model, x: torch.Tensor, scales: list[float], conf: float, iou: float, batch: int = 32) -> dict[str, torch.Tensor]:
+    """What efficient_teacher's ``teacher_scales`` gives the training loop, on every view."""
+    out = []
+    for s in range(0, len(x), batch):
+        d = multiscale_teacher_detections(model, x[s : s + batch], conf, iou, 100, scales)
+        out.append({**d, "batch_idx": d["batch_idx"] + s})
     return {k: torch.cat([o[k] for o in out]) for k in ("boxes", "scores", "labels", "batch_idx")}
 
 
@@ -139,6 +150,8 @@ def main() -> None:
             args.imgsz / size)))
         runs.append((f"x{size / args.imgsz:.2f} from the file", lambda size=size: rescaled(
             detect(model, load_views(spec, size, args.n)[0], False, args.conf, args.iou), args.imgsz / size)))
+        runs.append((f"teacher_scales [1, {scale:g}] (fused)", lambda scale=scale: detect_multiscale(
+            model, x, [1.0, scale], args.conf, args.iou)))
     for name, run in runs:
         dets = run()
         for label, kept in ((f"tau2 count ({args.alpha:.0%})", top_per_class(dets, counts * args.alpha)),
