@@ -106,6 +106,20 @@ def to_ultralytics_batch(batch: Batch) -> dict[str, torch.Tensor]:
     return {"img": img, "bboxes": xywh, "cls": cls.float().view(-1, 1), "batch_idx": bidx.float()}
 
 
+def nms_per_image(
+    boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, batch_idx: torch.Tensor,
+    iou: float, max_det: int, batch_size: int, nc: int,
+) -> torch.Tensor:
+    """Indices kept by class-aware NMS (one ``batched_nms`` for the batch), grouped by image in
+    score order, at most ``max_det`` per image."""
+    keep = torchvision.ops.batched_nms(boxes, scores, batch_idx * nc + labels, iou)  # score-descending
+    keep = keep[torch.sort(batch_idx[keep], stable=True).indices]  # group by image, score order kept inside
+    img_of = batch_idx[keep]
+    counts = torch.bincount(img_of, minlength=batch_size)
+    rank = torch.arange(len(keep), device=keep.device) - (torch.cumsum(counts, 0) - counts)[img_of]
+    return keep[rank < max_det]
+
+
 def dense_nms(
     pred: torch.Tensor, conf: float, iou: float, max_det: int, hw: tuple[int, int], max_nms: int = 30000
 ) -> list[Detections]:
@@ -125,16 +139,8 @@ def dense_nms(
     h, w = hw
     boxes = torch.minimum(boxes.clamp(min=0), boxes.new_tensor([w, h, w, h]))
     s, lab = scores[bi, ai], labels[bi, ai]
-    nc = pred.shape[1] - 4
-    keep = torchvision.ops.batched_nms(boxes, s, bi * nc + lab, iou)  # sorted by score, descending
-    img_of = bi[keep]
-    order = torch.sort(img_of, stable=True).indices  # group by image, score order kept inside
-    keep, img_of = keep[order], img_of[order]
-    counts = torch.bincount(img_of, minlength=b)
-    start = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(len(keep), device=keep.device) - start[img_of]
-    keep, img_of = keep[rank < max_det], img_of[rank < max_det]
-    sizes = torch.bincount(img_of, minlength=b).tolist()
+    keep = nms_per_image(boxes, s, lab, bi, iou, max_det, b, pred.shape[1] - 4)
+    sizes = torch.bincount(bi[keep], minlength=b).tolist()
     return [
         {"boxes": bx, "scores": sc, "labels": lb}
         for bx, sc, lb in zip(boxes[keep].split(sizes), s[keep].split(sizes), lab[keep].long().split(sizes))

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
+from ssod.training.models.yolo import nms_per_image
 from ssod.training.pseudo import PseudoLabels, eval_mode
 from ssod.training.ultralytics_env import import_ultralytics
 
@@ -44,7 +45,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "pad_per_image", "inside_any", "localization_quality", "teacher_raw", "class_maps", "dense_teacher_detections",
-    "multiscale_teacher_detections", "nms_per_image", "side_of", "PseudoLabelAssigner", "labeled_targets",
+    "multiscale_teacher_detections", "side_of", "PseudoLabelAssigner", "labeled_targets",
 ]
 
 
@@ -98,20 +99,6 @@ def class_maps(raw: list[torch.Tensor], reg_max: int) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def nms_per_image(
-    boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, batch_idx: torch.Tensor,
-    iou: float, max_det: int, batch_size: int, nc: int,
-) -> torch.Tensor:
-    """Indices kept by class-aware NMS (one ``batched_nms`` for the batch), grouped by image in
-    score order, at most ``max_det`` per image."""
-    keep = torchvision.ops.batched_nms(boxes, scores, batch_idx * nc + labels, iou)  # score-descending
-    keep = keep[torch.sort(batch_idx[keep], stable=True).indices]  # group by image, score order kept inside
-    img_of = batch_idx[keep]
-    counts = torch.bincount(img_of, minlength=batch_size)
-    rank = torch.arange(len(keep), device=keep.device) - (torch.cumsum(counts, 0) - counts)[img_of]
-    return keep[rank < max_det]
-
-
 def dense_teacher_detections(
     teacher: "Detector", img: torch.Tensor, conf: float, iou: float, max_det: int, max_nms: int = 30000,
     raw: list[torch.Tensor] | None = None,
@@ -151,6 +138,7 @@ def dense_teacher_detections(
     }
 
 
+@torch.no_grad()
 def multiscale_teacher_detections(
     teacher: "Detector", img: torch.Tensor, conf: float, iou: float, max_det: int, scales: list[float],
     raw: list[torch.Tensor] | None = None,
