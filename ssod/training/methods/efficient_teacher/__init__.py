@@ -7,7 +7,8 @@ describes the dense path.
 One step after burn-in:
 
 1. the EMA teacher detects on the weak view (one forward, class-aware NMS at the detection
-   floor) -> per-class thresholds split its boxes into reliable (>= tau2[c]), uncertain
+   floor; ``teacher_scales`` adds enlarged passes for small objects, fused scale-aware in
+   ``assigner.multiscale_teacher_detections``) -> per-class thresholds split its boxes into reliable (>= tau2[c]), uncertain
    (tau1[c] <= s < tau2[c]) and dropped; the Epoch Adaptor records every score;
 2. the kept boxes move into the strong view (boxes leaving it are dropped);
 3. ONE student forward on [labeled images, strong views]: the labeled half gets the supervised
