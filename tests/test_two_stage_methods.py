@@ -269,3 +269,22 @@ def test_dtg_student_rcnn_sees_teacher_proposals_in_the_strong_view(models, monk
         assert 0 < len(s_props) <= 64
         d = torch.cdist(_flip(s_props), t_props)  # each student row is some teacher proposal, flipped
         assert d.min(1).values.max() < 1e-3
+
+
+def test_efficient_teacher_two_stage_ramp_and_scales(models):
+    """The lambda ramp reaches the two-stage path; the multi-scale teacher (dense only) is refused there."""
+    student, teacher = models
+    student.train()
+    labeled, unlabeled = _batches()
+    out = {}
+    for warm in (0.0, 2.0):
+        m = _method("efficient_teacher", {**MANY["efficient_teacher"], "unsup_warmup_epochs": warm}, student)
+        m.ssod_epochs = 0.5
+        torch.manual_seed(0)  # the same RPN / R-CNN samples in both calls
+        out[warm] = {k: float(v.detach()) for k, v in m.losses(labeled, unlabeled, student, teacher).items()}
+    ramp = math.exp(-5 * 0.75**2)
+    for k in ("unsup_cls", "unsup_box"):
+        assert out[0.0][k] > 0 and out[2.0][k] == pytest.approx(out[0.0][k] * ramp, rel=1e-4)
+    m = _method("efficient_teacher", {**MANY["efficient_teacher"], "teacher_scales": [1.0, 1.6]}, student)
+    with pytest.raises(ValueError, match="teacher_scales"):
+        m.losses(labeled, unlabeled, student, teacher)

@@ -261,6 +261,11 @@ class EfficientTeacher(Method):
             self._warned = True
 
         if two_stage:
+            if any(x != 1.0 for x in c["teacher_scales"]):
+                raise ValueError(
+                    "efficient_teacher: teacher_scales (multi-scale teacher) is for dense YOLO students; "
+                    f"this student is two-stage: set teacher_scales: [1.0], got {c['teacher_scales']}"
+                )
             return two_stage_losses(self, labeled, unlabeled, student, teacher)
 
         # 1. teacher on the weak view; every score feeds the adaptor

@@ -146,7 +146,7 @@ def two_stage_losses(
         student, slice_images(images, unl), slice_feats(feats, unl), pseudo_targets(reliable, bu), uncertain,
         c["rpn_ignore_iou"], c["roi_ignore_iou"],
     )
-    lam = c["lambda_u"]
+    lam = m.unsup_weight()  # lambda_u, ramped by unsup_warmup_epochs
     out = {
         "sup": sum(sup.values()),
         "unsup_cls": lam * c["unsup_cls_weight"] * (uns["rpn_cls"] + uns["roi_cls"]),
