@@ -52,31 +52,40 @@ def mirror_index(raw: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(idx)
 
 
+KEYS = ("boxes", "scores", "labels", "batch_idx")
+
+
 @torch.no_grad()
-def detect(model, x: torch.Tensor, flip_tta: bool, conf: float, iou: float, batch: int = 32) -> dict[str, torch.Tensor]:
-    """Teacher boxes on every view (flat, with ``batch_idx``); ``flip_tta`` averages the mirrored pass in."""
+def in_batches(x: torch.Tensor, detect_batch, batch: int = 32) -> dict[str, torch.Tensor]:
+    """``detect_batch(xb)`` -> flat detections with per-batch ``batch_idx``, run over ``x`` in
+    batches and joined with view-global ``batch_idx``."""
     out = []
     for s in range(0, len(x), batch):
-        xb = x[s : s + batch]
+        d = detect_batch(x[s : s + batch])
+        out.append({**d, "batch_idx": d["batch_idx"] + s})
+    return {k: torch.cat([o[k] for o in out]) for k in KEYS}
+
+
+def detect(model, x: torch.Tensor, flip_tta: bool, conf: float, iou: float) -> dict[str, torch.Tensor]:
+    """Teacher boxes on every view (flat, with ``batch_idx``); ``flip_tta`` averages the mirrored pass in."""
+
+    def one(xb: torch.Tensor) -> dict[str, torch.Tensor]:
         raw = teacher_raw(model, xb)
         dec = model.decode(raw)
         if flip_tta:
             mir = model.decode(teacher_raw(model, xb.flip(-1)))[:, :, mirror_index(raw)]
             mir[:, 0] = xb.shape[-1] - mir[:, 0]  # x centre back into the unflipped view
             dec = (dec + mir) / 2
-        for j, d in enumerate(dense_nms(dec, conf, iou, 100, tuple(xb.shape[-2:]))):
-            out.append({**d, "batch_idx": torch.full_like(d["labels"], s + j)})
-    return {k: torch.cat([o[k] for o in out]) for k in ("boxes", "scores", "labels", "batch_idx")}
+        dets = dense_nms(dec, conf, iou, 100, tuple(xb.shape[-2:]))
+        return {k: torch.cat([d[k] for d in dets]) for k in ("boxes", "scores", "labels")} | {
+            "batch_idx": torch.cat([torch.full_like(d["labels"], j) for j, d in enumerate(dets)])}
+
+    return in_batches(x, one)
 
 
-@torch.no_grad()
-def detect_multiscale(model, x: torch.Tensor, scales: list[float], conf: float, iou: float, batch: int = 32) -> dict[str, torch.Tensor]:
+def detect_multiscale(model, x: torch.Tensor, scales: list[float], conf: float, iou: float) -> dict[str, torch.Tensor]:
     """What efficient_teacher's ``teacher_scales`` gives the training loop, on every view."""
-    out = []
-    for s in range(0, len(x), batch):
-        d = multiscale_teacher_detections(model, x[s : s + batch], conf, iou, 100, scales)
-        out.append({**d, "batch_idx": d["batch_idx"] + s})
-    return {k: torch.cat([o[k] for o in out]) for k in ("boxes", "scores", "labels", "batch_idx")}
+    return in_batches(x, lambda xb: multiscale_teacher_detections(model, xb, conf, iou, 100, scales))
 
 
 def rescaled(dets: dict[str, torch.Tensor], factor: float) -> dict[str, torch.Tensor]:
