@@ -219,6 +219,11 @@ def test_multiscale_teacher_keeps_each_scale_in_its_size_range(student):
     capped = multiscale_teacher_detections(teacher, img, 0.0, 0.65, 3, [1.0, 1.5])
     assert torch.bincount(capped["batch_idx"], minlength=2).tolist() == [3, 3]
     assert torch.equal(capped["batch_idx"], capped["batch_idx"].sort().values)
+    # one scale alone: that pass only, every size kept, boxes in img pixels
+    only = multiscale_teacher_detections(teacher, img, 0.0, 0.65, 300, [1.5])
+    assert len(only["scores"]) == len(big["scores"]) and torch.allclose(only["boxes"], big_boxes)
+    with pytest.raises(ValueError, match="1.0"):
+        multiscale_teacher_detections(teacher, img, 0.0, 0.65, 300, [1.5, 2.0])
 
 
 # ----------------------------------------------------------------------------------- Epoch Adaptor
@@ -682,6 +687,10 @@ def test_method_config_errors_are_clear():
         build_method("mean_teacher", {"lambda_u": "three"})
     with pytest.raises(ValueError, match="tau1 <= tau2"):
         build_method("efficient_teacher", {"tau1": 0.7, "tau2": 0.6})
+    with pytest.raises(ValueError, match=r"several teacher_scales must include 1.0"):
+        build_method("efficient_teacher", {"teacher_scales": [1.4, 2.0]})
+    with pytest.raises(ValueError, match=r"teacher_scales must lie in \[1, 4\]"):
+        build_method("efficient_teacher", {"teacher_scales": [0.5]})
     with pytest.raises(ValueError, match=r"method 'mean_teacher': threshold must be in \[0, 1\], got 1.5"):
         build_method("mean_teacher", {"threshold": 1.5})
     with pytest.raises(ValueError, match=r"method 'soft_teacher': cls_threshold must be in \[0, 1\], got -0.1"):

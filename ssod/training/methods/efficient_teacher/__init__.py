@@ -108,6 +108,9 @@ class EfficientTeacher(Method):
             raise ValueError(f"method 'efficient_teacher': need 0 <= tau1 <= tau2 <= 1, got {c['tau1']}, {c['tau2']}")
         if not all(1.0 <= x <= 4.0 for x in c["teacher_scales"]):
             raise ValueError(f"method 'efficient_teacher': teacher_scales must lie in [1, 4], got {c['teacher_scales']}")
+        if len(set(c["teacher_scales"])) > 1 and 1.0 not in c["teacher_scales"]:
+            raise ValueError("method 'efficient_teacher': several teacher_scales must include 1.0 (the pass for "
+                             f"large objects), got {c['teacher_scales']}")
         self.names: list[str] | None = None
         self.adaptor: EpochAdaptor | None = None
         self.disc: DomainDiscriminator | None = None
@@ -272,7 +275,9 @@ class EfficientTeacher(Method):
         device = unlabeled["weak"].device
         tau1, tau2 = self.thresholds(device)
         floor = adaptor.floor() if c["adaptive_thresholds"] else float(tau1.min())
-        raw_t = teacher_raw(teacher, unlabeled["weak"])
+        # the 1x maps: for the 1x detection pass and/or the "teacher" background targets
+        need_1x = 1.0 in c["teacher_scales"] or c["unsup_background"] == "teacher"
+        raw_t = teacher_raw(teacher, unlabeled["weak"]) if need_1x else None
         weak = multiscale_teacher_detections(
             teacher, unlabeled["weak"], floor, c["nms_iou"], c["max_det"], c["teacher_scales"], raw=raw_t
         )
