@@ -236,6 +236,65 @@ def test_deepcopy_and_state_dict_round_trip():
     assert torch.isfinite(total)
 
 
+def test_eval_no_grad_forward_runs_a_folded_copy_kept_in_sync():
+    """Eval + no grad (the teacher, validation) runs a BatchNorm-folded channels-last copy: the plain
+    forward's maps to float rounding, refreshed after in-place writes (the EMA update) and
+    load_state_dict, never in state_dict or deep copies, rebuilt after .to()."""
+    det = tiny("yolo11n")
+    img = TWO_BOXES["img"]
+    with torch.no_grad():
+        det.forward_raw(img)  # train mode: BN statistics move away from their init
+    det.eval()
+
+    def fast_and_plain() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        with torch.no_grad():
+            fast = det.forward_raw(img.to(next(det.parameters()).dtype))
+        plain = [r.detach() for r in det.forward_raw(img.to(next(det.parameters()).dtype))]  # grad on: plain model
+        return fast, plain
+
+    fast, plain = fast_and_plain()
+    folded = det.__dict__["_folded"]
+    assert folded.ok and len(folded.pairs) > 10
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last)
+               for m in folded.model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1))
+    for a, b in zip(fast, plain):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():  # what ModelEMA.update does: in-place writes to parameters and BN buffers
+        for t in [*det.parameters(), *det.buffers()]:
+            if t.dtype.is_floating_point:
+                t.mul_(0.9)
+    fast2, plain2 = fast_and_plain()
+    assert not torch.allclose(fast2[0], fast[0], atol=1e-3)
+    for a, b in zip(fast2, plain2):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    other = tiny("yolo11n")
+    det.load_state_dict(other.state_dict())
+    for a, b in zip(*fast_and_plain()):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert set(det.state_dict()) == set(other.state_dict())
+    assert "_folded" not in copy.deepcopy(det).__dict__
+    det.double()
+    assert "_folded" not in det.__dict__
+    fast, plain = fast_and_plain()
+    assert fast[0].dtype == torch.float64
+    torch.testing.assert_close(fast[0], plain[0])
+
+
+def test_folded_copy_refuses_a_structure_it_cannot_sync():
+    """A fold that adds or reshapes tensors the source lacks leaves ``ok`` False: the plain model runs."""
+    from ssod.training.models.folded import FoldedCopy
+
+    det = tiny().eval()
+
+    def odd_fold(m: torch.nn.Module) -> torch.nn.Module:
+        m.fuse(verbose=False)
+        m.extra = torch.nn.Linear(2, 2)
+        return m
+
+    assert FoldedCopy(det.model, lambda m: m.fuse(verbose=False)).ok
+    assert not FoldedCopy(det.model, odd_fold).ok
+
+
 def test_load_weights(tmp_path: Path):
     src = tiny()
     with torch.no_grad():

@@ -31,6 +31,7 @@ from torch import nn
 
 from ssod.training.data.batch import Batch
 from ssod.training.models.base import Detections, Detector, register_family
+from ssod.training.models.folded import FoldedCopy
 from ssod.training.ultralytics_env import import_ultralytics
 
 log = logging.getLogger("ssod")
@@ -211,10 +212,34 @@ class YoloDetector(Detector):
 
     # ----------------------------------------------------------------------------- forward
     def _forward(self, img: torch.Tensor) -> tuple[dict[str, Any], torch.Tensor | None]:
-        """One pass: (one-to-many raw dict with boxes/scores/feats, decoded output when in eval mode)."""
-        out = self.model(img)
+        """One pass: (one-to-many raw dict with boxes/scores/feats, decoded output when in eval mode).
+
+        Eval mode without grad (the teacher, validation) runs a BatchNorm-folded channels-last copy
+        (``folded.FoldedCopy``: same outputs to float rounding, about a third faster on CPU).
+        """
+        if not self.training and not torch.is_grad_enabled():
+            folded = self._folded_copy()
+            out = folded(self.model, img) if folded is not None else self.model(img)
+        else:
+            out = self.model(img)
         decoded, preds = out if isinstance(out, tuple) else (None, out)
         return preds.get("one2many", preds), decoded
+
+    def _folded_copy(self) -> FoldedCopy | None:
+        """Built on first use, outside the module tree (never in state_dict, dropped by deepcopy)."""
+        folded = self.__dict__.get("_folded")
+        if folded is None:
+            folded = FoldedCopy(self.model, lambda m: m.fuse(verbose=False))
+            self.__dict__["_folded"] = folded
+        return folded if folded.ok else None
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "YoloDetector":
+        self.__dict__.pop("_folded", None)  # .to / .half / .cuda: rebuild the folded copy on the new tensors
+        return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickling and deepcopy (the EMA teacher is one) leave the folded copy behind."""
+        return {k: v for k, v in self.__dict__.items() if k != "_folded"}
 
     def _levels(self, preds: dict[str, Any]) -> list[torch.Tensor]:
         flat = torch.cat((preds["boxes"], preds["scores"]), 1)  # (B, no, A)
