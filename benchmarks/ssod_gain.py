@@ -71,7 +71,8 @@ EXTRA_ROWS = {
     # one teacher pass at 1.4x or 1.2x instead of two (1.96x / 1.44x the pixels of the plain teacher, not 3.56x)
     "et_lambda1_scale14": ("efficient_teacher", 0.1, {"lambda_u": 1.0, "teacher_scales": [1.4]}),
     "et_scale14": ("efficient_teacher", 0.1, {"teacher_scales": [1.4]}),
-    "et_scale12": ("efficient_teacher", 0.1, {"teacher_scales": [1.2]}),  # 1.44x the pixels
+    "et_scale12": ("efficient_teacher", 0.1, {"teacher_scales": [1.2]}),  # 1.44x the pixels: the defaults since Run 13
+    "et_one_scale": ("efficient_teacher", 0.1, {"teacher_scales": [1.0]}),  # the paper's teacher (defaults until Run 13)
     "et_lambda1_box3": ("efficient_teacher", 0.1, {"lambda_u": 1.0, "unsup_box_weight": 3.0, "unsup_dfl_weight": 3.0}),
     "et_plain_pla": ("efficient_teacher", 0.1, {"uncertain_box_loc": 1.0}),
     "et_loc_gate": ("efficient_teacher", 0.1, {"uncertain_box_loc": 0.85}),  # the default before Run 10

@@ -271,8 +271,9 @@ def test_dtg_student_rcnn_sees_teacher_proposals_in_the_strong_view(models, monk
         assert d.min(1).values.max() < 1e-3
 
 
-def test_efficient_teacher_two_stage_ramp_and_scales(models):
-    """The lambda ramp reaches the two-stage path; the multi-scale teacher (dense only) is refused there."""
+def test_efficient_teacher_two_stage_ramp_and_scales(models, monkeypatch):
+    """The lambda ramp reaches the two-stage path; one teacher scale works there, the fused multi-scale
+    teacher (dense only) is refused."""
     student, teacher = models
     student.train()
     labeled, unlabeled = _batches()
@@ -288,3 +289,19 @@ def test_efficient_teacher_two_stage_ramp_and_scales(models):
     m = _method("efficient_teacher", {**MANY["efficient_teacher"], "teacher_scales": [1.0, 1.6]}, student)
     with pytest.raises(ValueError, match="teacher_scales"):
         m.losses(labeled, unlabeled, student, teacher)
+    # one scale: the teacher sees the weak view enlarged (to a multiple of 32), its boxes come back in 1x pixels
+    seen, kept = [], []
+    predict = teacher.predict
+
+    def recording_predict(img, **kw):
+        seen.append(tuple(img.shape[-2:]))
+        out = predict(img, **kw)
+        kept.append(out)
+        return out
+
+    monkeypatch.setattr(teacher, "predict", recording_predict)
+    m = _method("efficient_teacher", {**MANY["efficient_teacher"], "teacher_scales": [1.5]}, student)
+    m.losses(labeled, unlabeled, student, teacher)
+    h, w = unlabeled["weak"].shape[-2:]
+    assert seen == [(round(h * 1.5 / 32) * 32, round(w * 1.5 / 32) * 32)] and (h, w) != seen[0]
+    assert sum(len(d["boxes"]) for d in kept[0]) > 0

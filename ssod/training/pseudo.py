@@ -10,9 +10,10 @@ matrices, and measures them against hidden labels when the data has them.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torchvision.ops import box_iou
 
 from ssod.training.data.batch import Batch
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 PseudoLabels = dict[str, torch.Tensor]
 
 __all__ = [
-    "PseudoLabels", "eval_mode", "empty_pseudo", "concat_detections", "select", "teacher_detections",
+    "PseudoLabels", "eval_mode", "empty_pseudo", "concat_detections", "select", "teacher_detections", "on_enlarged",
     "weak_to_strong", "teacher_pseudo_labels", "match_hidden", "pseudo_label_quality", "true_pseudo_labels",
     "pseudo_batch", "QualityMeter",
 ]
@@ -88,6 +89,20 @@ def teacher_detections(
     with eval_mode(teacher):
         dets = teacher.predict(img, conf=conf, iou=iou, max_det=max_det)
     return concat_detections(dets, device=img.device)
+
+
+def on_enlarged(
+    detect: Callable[[torch.Tensor], PseudoLabels], img: torch.Tensor, scale: float, multiple: int
+) -> PseudoLabels:
+    """``detect`` run on ``img`` enlarged ``scale`` times (bilinear, each side rounded to ``multiple``),
+    its boxes mapped back into ``img`` pixels. Scale 1 calls ``detect(img)`` as it is."""
+    if scale == 1.0:
+        return detect(img)
+    h, w = img.shape[-2:]
+    size = (max(multiple, round(h * scale / multiple) * multiple), max(multiple, round(w * scale / multiple) * multiple))
+    d = detect(F.interpolate(img, size=size, mode="bilinear", align_corners=False))
+    d["boxes"] = d["boxes"] * d["boxes"].new_tensor([w / size[1], h / size[0]] * 2)
+    return d
 
 
 def weak_to_strong(

@@ -6,9 +6,10 @@ describes the dense path.
 
 One step after burn-in:
 
-1. the EMA teacher detects on the weak view (one forward, class-aware NMS at the detection
-   floor; ``teacher_scales`` adds enlarged passes for small objects, fused scale-aware in
-   ``assigner.multiscale_teacher_detections``) -> per-class thresholds split its boxes into reliable (>= tau2[c]), uncertain
+1. the EMA teacher detects on the weak view (one forward at ``teacher_scales`` - by default the
+   view enlarged 1.2x, for the small objects a 1x teacher misses - class-aware NMS at the
+   detection floor; several scales fuse scale-aware in ``assigner.multiscale_teacher_detections``)
+   -> per-class thresholds split its boxes into reliable (>= tau2[c]), uncertain
    (tau1[c] <= s < tau2[c]) and dropped; the Epoch Adaptor records every score;
 2. the kept boxes move into the strong view (boxes leaving it are dropped);
 3. ONE student forward on [labeled images, strong views]: the labeled half gets the supervised
@@ -264,10 +265,10 @@ class EfficientTeacher(Method):
             self._warned = True
 
         if two_stage:
-            if any(x != 1.0 for x in c["teacher_scales"]):
+            if len(set(c["teacher_scales"])) > 1:
                 raise ValueError(
-                    "efficient_teacher: teacher_scales (multi-scale teacher) is for dense YOLO students; "
-                    f"this student is two-stage: set teacher_scales: [1.0], got {c['teacher_scales']}"
+                    "efficient_teacher: several teacher_scales (the fused multi-scale teacher) are for dense YOLO "
+                    f"students; this student is two-stage: give one scale, e.g. [1.2], got {c['teacher_scales']}"
                 )
             return two_stage_losses(self, labeled, unlabeled, student, teacher)
 

@@ -34,10 +34,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-import torchvision
 
 from ssod.training.models.yolo import nms_per_image
-from ssod.training.pseudo import PseudoLabels, eval_mode
+from ssod.training.pseudo import PseudoLabels, eval_mode, on_enlarged
 from ssod.training.ultralytics_env import import_ultralytics
 
 if TYPE_CHECKING:
@@ -147,13 +146,8 @@ def scaled_teacher_detections(
     boxes mapped back into ``img`` pixels. ``scale`` 1 is the plain pass (and may reuse ``raw``)."""
     if scale == 1.0:
         return dense_teacher_detections(teacher, img, conf, iou, max_det, raw=raw)
-    stride = int(torch.as_tensor(teacher.stride).max())
-    h, w = img.shape[-2:]
-    size = (max(stride, round(h * scale / stride) * stride), max(stride, round(w * scale / stride) * stride))
-    d = dense_teacher_detections(teacher, F.interpolate(img, size=size, mode="bilinear", align_corners=False),
-                                 conf, iou, max_det)
-    d["boxes"] = d["boxes"] * d["boxes"].new_tensor([w / size[1], h / size[0]] * 2)
-    return d
+    return on_enlarged(lambda x: dense_teacher_detections(teacher, x, conf, iou, max_det), img, scale,
+                       int(torch.as_tensor(teacher.stride).max()))
 
 
 @torch.no_grad()

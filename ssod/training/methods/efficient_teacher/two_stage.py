@@ -1,7 +1,8 @@
 """Efficient Teacher's Pseudo Label Assigner for two-stage (Faster R-CNN) students.
 
-Same teacher side as the dense path (per-class tau1/tau2 from the Epoch Adaptor, every teacher
-score observed, boxes moved into the strong view); the student side maps ET's three loss
+Same teacher side as the dense path (one teacher pass on the weak view enlarged ``teacher_scales``
+times, per-class tau1/tau2 from the Epoch Adaptor, every teacher score observed, boxes moved into
+the strong view; the fused multi-scale teacher is dense-only); the student side maps ET's three loss
 indicators (seed 004) onto the two stages:
 
 * RPN (objectness + box): learns from the *reliable* boxes (>= tau2[c]) class-agnostically,
@@ -44,8 +45,9 @@ from ssod.training.methods.two_stage.common import (
     slice_feats,
     slice_images,
 )
+from ssod.training.models.frcnn import SIZE_DIVISIBLE
 from ssod.training.pseudo import (
-    PseudoLabels, eval_mode, select, teacher_detections, weak_to_strong,
+    PseudoLabels, eval_mode, on_enlarged, select, teacher_detections, weak_to_strong,
 )
 
 if TYPE_CHECKING:
@@ -121,7 +123,8 @@ def two_stage_losses(
     device = unlabeled["weak"].device
     tau1, tau2 = m.thresholds(device)
     floor = adaptor.floor() if c["adaptive_thresholds"] else float(tau1.min())
-    weak = teacher_detections(teacher, unlabeled["weak"], floor, c["nms_iou"], c["max_det"])
+    weak = on_enlarged(lambda x: teacher_detections(teacher, x, floor, c["nms_iou"], c["max_det"]),
+                       unlabeled["weak"], float(c["teacher_scales"][0]), SIZE_DIVISIBLE)
     bu, bl = int(unlabeled["weak"].shape[0]), int(labeled["img"].shape[0])
     if c["adaptive_thresholds"]:
         m.observe_teacher(adaptor, weak["scores"], weak["labels"], bu)
