@@ -43,10 +43,9 @@ class FoldedCopy:
                 prefix = f"{name}." if name else ""
                 self.pairs.append((m.conv, f"{prefix}conv", f"{prefix}bn"))
                 covered |= {f"{prefix}conv.weight", f"{prefix}conv.bias"}
-        src_state = model.state_dict()
-        self.copied = [k for k in self.model.state_dict() if k not in covered]
-        self.ok = all(k in src_state and src_state[k].shape == v.shape
-                      for k, v in self.model.state_dict().items() if k in self.copied)
+        src_state, dst_state = model.state_dict(), self.model.state_dict()
+        self.copied = [k for k in dst_state if k not in covered]
+        self.ok = all(k in src_state and src_state[k].shape == dst_state[k].shape for k in self.copied)
         self._source: list[torch.Tensor] = []  # the source's parameters and buffers, bound on first refresh
         self._key: tuple[int, int] | None = None
 
