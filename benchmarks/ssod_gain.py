@@ -80,6 +80,10 @@ EXTRA_ROWS = {
     # tau2 at 80% of the tau1 count instead of the paper's 60%: the 1.2x teacher's reliable set is
     # 93% precise at 56% recall, and misses cost twice what false positives do (Run 9)
     "et_alpha08": ("efficient_teacher", 0.1, {"teacher_scales": [1.2], "alpha": 0.8}),
+    # SED's blur sigma scaled to the view (views.BLUR_REF_PX), the defaults since it was introduced: the same
+    # configs as et_scale12 / mean_teacher, whose results in earlier runs had the unscaled blur
+    "et_blur_scaled": ("efficient_teacher", 0.1, {"teacher_scales": [1.2]}),
+    "mt_blur_scaled": ("mean_teacher", 0.1, {}),
     "et_lambda1_box3": ("efficient_teacher", 0.1, {"lambda_u": 1.0, "unsup_box_weight": 3.0, "unsup_dfl_weight": 3.0}),
     "et_plain_pla": ("efficient_teacher", 0.1, {"uncertain_box_loc": 1.0}),
     "et_loc_gate": ("efficient_teacher", 0.1, {"uncertain_box_loc": 0.85}),  # the default before Run 10

@@ -6,18 +6,22 @@ import numpy as np
 import pytest
 import torch
 
+from ssod.config import resolve_config
 from ssod.training.data.views import (
+    BLUR_REF_PX,
     StrongAug,
     WeakAug,
     blur_kernel_size,
     clip_boxes,
     filter_boxes,
+    gaussian_blur,
     letterbox_matrix,
     make_weak_strong,
     mixup,
     mosaic4,
     random_affine_matrix,
     shrink,
+    strong_aug,
     strong_photometric,
     transform_boxes,
     valid_boxes,
@@ -181,7 +185,8 @@ def test_blur_spreads_symmetrically_and_kernel_scales():
     assert all(blur_kernel_size(s) % 2 == 1 for s in range(32, 2000, 37))
     S = 128
     img = white_box_image(S, S, (40, 50, 80, 70))
-    aug = StrongAug(color_jitter_p=0.0, grayscale_p=0.0, blur_p=1.0, blur_sigma=(2.0, 2.0), cutouts=())
+    sigma = 2.0 * BLUR_REF_PX / S  # 2 px on this 128 px view
+    aug = StrongAug(color_jitter_p=0.0, grayscale_p=0.0, blur_p=1.0, blur_sigma=(sigma, sigma), cutouts=())
     out = strong_photometric(img, aug, np.random.default_rng(0))
     assert not np.array_equal(out, img)
     ys, xs = np.nonzero(out[..., 0] > 0)
@@ -190,6 +195,28 @@ def test_blur_spreads_symmetrically_and_kernel_scales():
     wts = out[..., 0].astype(np.float64)
     yy, xx = np.mgrid[:S, :S]
     np.testing.assert_allclose([(wts * xx).sum() / wts.sum(), (wts * yy).sum() / wts.sum()], [59.5, 59.5], atol=0.05)
+
+
+def test_blur_sigma_is_relative_to_sed_image_size():
+    """SED's sigma refers to ~1000 px images: the same setting blurs a smaller view proportionally less."""
+    aug = StrongAug(color_jitter_p=0.0, grayscale_p=0.0, blur_p=1.0, blur_sigma=(2.0, 2.0), cutouts=())
+    for S in (128, 1000):
+        img = white_box_image(S, S, (S // 4, S // 3, S // 2, S // 2))
+        out = strong_photometric(img, aug, np.random.default_rng(0))
+        np.testing.assert_array_equal(out, gaussian_blur(img, 2.0 * S / BLUR_REF_PX, blur_kernel_size(S)))
+    assert BLUR_REF_PX == 1000
+
+
+def test_strong_aug_reads_the_config():
+    cfg = resolve_config(None)
+    geo = dict(flip_p=0.5, scale=(0.5, 1.5), translate=0.1, degrees=0.0, shear=0.0)
+    assert strong_aug(cfg["aug"], geo) == StrongAug(**geo)  # the config's defaults are SED's
+    aug = {**cfg["aug"], "strong_blur_p": 0.0, "strong_gray_p": 0.0, "strong_cutout": False,
+           "strong_color_p": 0.3, "strong_blur_sigma": [0.5, 1.0]}
+    s = strong_aug(aug, geo)
+    assert (s.blur_p, s.grayscale_p, s.cutouts, s.color_jitter_p, s.blur_sigma) == (0.0, 0.0, (), 0.3, (0.5, 1.0))
+    old_run = {k: v for k, v in cfg["aug"].items() if not k.startswith("strong_")}  # saved before the keys existed
+    assert strong_aug(old_run, geo) == StrongAug(**geo)
 
 
 def test_cutout_erases_a_rectangle_inside_the_range():

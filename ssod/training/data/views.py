@@ -68,7 +68,8 @@ class StrongAug(GeometryAug):
     Gaussian blur sigma 0.1-2.0 with p=0.5, and the three cutout passes) are taken from the
     SED paper (Guo et al., "Scale-Equivalent Distillation for Semi-Supervised Object
     Detection", CVPR 2022), appendix table 2. Cutouts fill with one random gray level per
-    rectangle (see ``cutout``).
+    rectangle (see ``cutout``). ``blur_sigma`` is in pixels of a ``BLUR_REF_PX`` canvas, the
+    size of the images SED blurred, and scales with the view like the kernel does.
     """
 
     color_jitter_p: float = 0.8
@@ -83,6 +84,18 @@ class StrongAug(GeometryAug):
         (0.7, (0.05, 0.2), (0.3, 3.3)),
         (0.5, (0.02, 0.2), (0.1, 6.0)),
         (0.3, (0.02, 0.2), (0.05, 8.0)),
+    )
+
+
+def strong_aug(aug: dict, geo: dict) -> StrongAug:
+    """The strong view from the config's ``aug`` block (``strong_*`` keys) and shared geometry.
+    A key missing (a run saved before the key existed, resumed) keeps ``StrongAug``'s default."""
+    d = StrongAug
+    return StrongAug(
+        **geo, color_jitter_p=aug.get("strong_color_p", d.color_jitter_p),
+        grayscale_p=aug.get("strong_gray_p", d.grayscale_p), blur_p=aug.get("strong_blur_p", d.blur_p),
+        blur_sigma=tuple(aug.get("strong_blur_sigma", d.blur_sigma)),
+        cutouts=d.cutouts if aug.get("strong_cutout", True) else (),
     )
 
 
@@ -262,6 +275,9 @@ def to_grayscale(img: np.ndarray) -> np.ndarray:
     return np.repeat(g[..., None], 3, axis=2)
 
 
+BLUR_REF_PX = 1000  # SED blurs 800-1333 px images: its 23 px kernel and 0.1-2.0 px sigma refer to ~1000 px
+
+
 def blur_kernel_size(imgsz: int) -> int:
     """Odd Gaussian kernel size scaled from SED's 23 px at ~1000 px images.
 
@@ -270,7 +286,7 @@ def blur_kernel_size(imgsz: int) -> int:
     keeps that relative extent on our smaller canvases (a 23 px kernel at 64 px would wipe out
     a third of the image), with a floor of 3.
     """
-    k = int(round(23 * imgsz / 1000))
+    k = int(round(23 * imgsz / BLUR_REF_PX))
     k = max(3, k)
     return k if k % 2 == 1 else k + 1
 
@@ -320,8 +336,11 @@ def strong_photometric(
     if rng.random() < aug.grayscale_p:
         img = to_grayscale(img)
     if rng.random() < aug.blur_p:
-        sigma = rng.uniform(*aug.blur_sigma)
-        img = gaussian_blur(img, sigma, blur_kernel_size(img.shape[0]))
+        # SED's sigma is in ~1000 px pixels: unscaled, sigma 2 on a 160 px view smears as much
+        # of the image as sigma 12.5 would on SED's, and wipes out objects a few cells wide
+        size = max(img.shape[:2])
+        sigma = rng.uniform(*aug.blur_sigma) * size / BLUR_REF_PX
+        img = gaussian_blur(img, sigma, blur_kernel_size(size))
     for p, area, ratio in aug.cutouts:
         if rng.random() < p:
             img = cutout(img, area, ratio, rng, erased)

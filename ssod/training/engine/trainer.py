@@ -159,7 +159,7 @@ class Trainer:
     # ----------------------------------------------------------------------------- building
     def _build_data(self) -> None:
         from ssod.training.data.loader import LabeledDataset, PairedLoader, UnlabeledDataset, build_val_loader
-        from ssod.training.data.views import LabeledAug, StrongAug, WeakAug
+        from ssod.training.data.views import LabeledAug, WeakAug, strong_aug
 
         cfg, aug = self.cfg, self.cfg["aug"]
         if not self.spec.train:
@@ -177,7 +177,7 @@ class Trainer:
             if not self.spec.unlabeled:
                 raise ValueError(f"{cfg['data']}: method '{self.method.name}' needs unlabeled images (`unlabeled:` key)")
             unlabeled = UnlabeledDataset(
-                self.spec.unlabeled, cfg["imgsz"], WeakAug(flip_p=aug["flip_p"]), StrongAug(**geo),
+                self.spec.unlabeled, cfg["imgsz"], WeakAug(flip_p=aug["flip_p"]), strong_aug(aug, geo),
                 seed=cfg["seed"], hidden=self.spec.unlabeled_hidden,
             )
         self.loader = PairedLoader(
