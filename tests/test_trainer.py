@@ -101,3 +101,9 @@ def test_burn_in_from_refuses_a_different_run(tiny_cfg):
         Trainer(tiny_cfg(method="mean_teacher", imgsz=96, burn_in_from=str(sup.run_dir / "weights" / "epoch1.pt"), **kw))
     with pytest.raises(ValueError, match="end of burn-in"):
         Trainer(tiny_cfg(method="mean_teacher", burn_in_from=str(sup.run_dir / "weights" / "epoch2.pt"), **kw))
+    epoch1 = str(sup.run_dir / "weights" / "epoch1.pt")
+    with pytest.raises(ValueError, match="aug="):  # the labeled views' augmentation shaped the burn-in
+        Trainer(tiny_cfg(method="mean_teacher", aug={"hsv_h": 0.0}, burn_in_from=epoch1, **kw))
+    # the strong view shapes unlabeled images only, which a supervised burn-in never draws
+    fork = Trainer(tiny_cfg(method="mean_teacher", aug={"strong_blur_p": 0.0}, burn_in_from=epoch1, **kw))
+    assert fork.start_epoch == 1

@@ -79,6 +79,16 @@ def param_groups(modules: list[nn.Module], weight_decay: float) -> list[dict[str
     ]
 
 
+
+
+def _fork_settings(cfg: dict) -> dict:
+    """``Trainer.FORK_KEYS`` of a config; ``aug`` without the strong-view keys (``strong_*``), which
+    shape only unlabeled views and so cannot change a supervised burn-in."""
+    out = {k: cfg.get(k) for k in Trainer.FORK_KEYS}
+    if isinstance(out["aug"], dict):
+        out["aug"] = {k: v for k, v in out["aug"].items() if not k.startswith("strong_")}
+    return out
+
 class Trainer:
     """Builds data, model, teacher, method and hooks from a resolved config, then trains."""
 
@@ -365,13 +375,13 @@ class Trainer:
         share one burn-in (the benchmarks do). Mismatched settings are refused, naming the key.
         """
         ckpt = load_checkpoint(path)
-        saved = ckpt.get("config") or {}
-        diff = [k for k in self.FORK_KEYS if saved.get(k) != self.cfg.get(k)]
+        saved, mine = _fork_settings(ckpt.get("config") or {}), _fork_settings(self.cfg)
+        diff = [k for k in self.FORK_KEYS if saved.get(k) != mine.get(k)]
         if diff:
             k = diff[0]
             raise ValueError(
                 f"{path}: burn_in_from checkpoint was trained with {k}={saved.get(k)!r}, this run has "
-                f"{k}={self.cfg.get(k)!r} (all of {', '.join(diff)} must match)"
+                f"{k}={mine.get(k)!r} (all of {', '.join(diff)} must match)"
             )
         steps = int(ckpt["iteration"]) // max(int(ckpt["epoch"]), 1)
         if int(ckpt["epoch"]) != self.burn_in_epochs or steps != len(self.loader):
