@@ -79,8 +79,6 @@ def param_groups(modules: list[nn.Module], weight_decay: float) -> list[dict[str
     ]
 
 
-
-
 def _fork_settings(cfg: dict) -> dict:
     """``Trainer.FORK_KEYS`` of a config; ``aug`` without the strong-view keys (``strong_*``), which
     shape only unlabeled views and so cannot change a supervised burn-in."""
@@ -88,6 +86,7 @@ def _fork_settings(cfg: dict) -> dict:
     if isinstance(out["aug"], dict):
         out["aug"] = {k: v for k, v in out["aug"].items() if not k.startswith("strong_")}
     return out
+
 
 class Trainer:
     """Builds data, model, teacher, method and hooks from a resolved config, then trains."""
