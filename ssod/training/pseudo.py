@@ -99,7 +99,7 @@ def on_enlarged(
     if scale == 1.0:
         return detect(img)
     h, w = img.shape[-2:]
-    size = (max(multiple, round(h * scale / multiple) * multiple), max(multiple, round(w * scale / multiple) * multiple))
+    size = tuple(max(multiple, round(side * scale / multiple) * multiple) for side in (h, w))
     d = detect(F.interpolate(img, size=size, mode="bilinear", align_corners=False))
     d["boxes"] = d["boxes"] * d["boxes"].new_tensor([w / size[1], h / size[0]] * 2)
     return d
