@@ -480,6 +480,37 @@ def test_efficient_teacher_losses_end_to_end(student):
     assert fresh.state_dict()["tau1"] == state["tau1"]
 
 
+def test_teacher_view_comes_from_the_loader_at_the_teacher_scale(student, monkeypatch):
+    """One teacher scale s != 1: the method asks the loader for an s-times weak view (stride-rounded)
+    and runs its teacher once on it as it is; several scales or the teacher-background option keep
+    the imgsz view (and enlarge it themselves)."""
+    m = build_method("efficient_teacher", {"teacher_scales": [1.2]})
+    assert m.teacher_view_size(96, student) == 128  # 115.2 -> the nearest multiple of stride 32
+    assert m.teacher_view_size(160, student) == 192 and m.teacher_view_size(640, student) == 768
+    for cfg in ({"teacher_scales": [1.0]}, {"teacher_scales": [1.0, 1.6]},
+                {"teacher_scales": [1.2], "unsup_background": "teacher"}):
+        assert build_method("efficient_teacher", cfg).teacher_view_size(96, student) == 96
+    assert build_method("mean_teacher", {}).teacher_view_size(96, student) == 96
+
+    labeled, unlabeled = _batches()
+    assert m.pass_scales(unlabeled) == [1.2]  # an imgsz weak view: the method enlarges it
+    big = {**unlabeled, "weak": torch.rand(2, 3, 2 * S, 2 * S), "M_weak": unlabeled["M_weak"] * 0 + torch.diag(
+        torch.tensor([2.0, 2.0, 1.0]))}
+    assert m.pass_scales(big) == [1.0]
+
+    student = copy.deepcopy(student).train()
+    teacher = _confident_teacher(student)
+    seen = []
+    forward = teacher.forward_raw
+    monkeypatch.setattr(teacher, "forward_raw", lambda x: seen.append(tuple(x.shape)) or forward(x))
+    m.extra_modules(student)
+    m._ensure(NAMES)
+    losses = m.losses(labeled, big, student, teacher)
+    assert torch.isfinite(sum(losses.values()))
+    assert seen == [(2, 3, 2 * S, 2 * S)]  # one pass, on the loader's view as it is
+    assert m.log_values()["pl_reliable_per_img"] > 0  # its boxes reached the strong view
+
+
 def test_sigmoid_rampup_shape():
     assert sigmoid_rampup(0.0, 3.0) == pytest.approx(math.exp(-5))
     assert sigmoid_rampup(1.5, 3.0) == pytest.approx(math.exp(-1.25))

@@ -138,6 +138,37 @@ def test_hidden_labels_land_on_the_objects_of_the_weak_view(data):
     assert n_boxes >= 8
 
 
+def test_a_larger_weak_view_is_drawn_from_the_file_and_leaves_the_strong_view_alone(tmp_path):
+    """weak_size > imgsz (the teacher's enlarged view): the weak view comes at that size with the
+    same draw (boxes scale by weak_size / imgsz), the strong view and its matrix do not change, and
+    for a file larger than the view the weak view has detail an upsampled imgsz view lacks."""
+    path = tmp_path / "big.png"
+    img = np.full((240, 320, 3), 20, np.uint8)
+    img[100:140, 60:100] = 255
+    img[(np.arange(240) // 4) % 2 == 0, 200:300] = 200  # stripes 4 px: seen at 0.4x, averaged away at 0.2x
+    cv2.imwrite(str(path), img)
+    hidden = [Sample(str(path), np.array([[60 / 320, 100 / 240, 100 / 320, 140 / 240]], np.float32),
+                     np.zeros(1, np.int64), (240, 320))]
+    kw = dict(weak=WeakAug(), strong=StrongAug(), seed=3, hidden=hidden)
+    plain = UnlabeledDataset([str(path)], S, **kw)
+    big = UnlabeledDataset([str(path)], 2 * S, **kw)  # no weak_size: the reference at the big size
+    enlarged = UnlabeledDataset([str(path)], S, weak_size=2 * S, **kw)
+    with pytest.raises(ValueError, match="below imgsz"):
+        UnlabeledDataset([str(path)], S, weak_size=S - 32, **kw)
+    for key in [(0, 0), (1, 0), (2, 0)]:
+        a, b = plain[key], enlarged[key]
+        assert b["weak"].shape == (3, 2 * S, 2 * S) and b["strong"].shape == (3, S, S)
+        assert torch.equal(a["M_strong"], b["M_strong"])
+        assert (a["strong"].float() - b["strong"].float()).abs().mean() < 2  # one more INTER_AREA step
+        assert torch.allclose(b["gt_boxes"], a["gt_boxes"] * 2, atol=1e-3)
+        assert torch.equal(b["weak"], big[key]["weak"])  # what a 2S-pixel training would see
+        upsampled = torch.nn.functional.interpolate(a["weak"][None].float(), scale_factor=2, mode="bilinear")[0]
+        def contrast(view: torch.Tensor) -> float:  # the stripes' vertical contrast dominates the view's
+            return float(view.float().diff(dim=1).abs().mean())
+
+        assert contrast(b["weak"]) > 2.5 * contrast(upsampled)  # measured 3.8x
+
+
 def test_epochs_are_deterministic_and_distinct(data):
     loader = _paired(data)
     a, b = _flat(loader.epoch(3)), _flat(loader.epoch(3))

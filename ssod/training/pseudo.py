@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 PseudoLabels = dict[str, torch.Tensor]
 
 __all__ = [
-    "PseudoLabels", "eval_mode", "empty_pseudo", "concat_detections", "select", "teacher_detections", "on_enlarged",
+    "PseudoLabels", "eval_mode", "empty_pseudo", "concat_detections", "select", "teacher_detections", "enlarged_side", "on_enlarged",
     "weak_to_strong", "teacher_pseudo_labels", "match_hidden", "pseudo_label_quality", "true_pseudo_labels",
     "pseudo_batch", "QualityMeter",
 ]
@@ -91,6 +91,12 @@ def teacher_detections(
     return concat_detections(dets, device=img.device)
 
 
+def enlarged_side(side: int, scale: float, multiple: int) -> int:
+    """``side`` times ``scale``, rounded to the nearest ``multiple`` (at least one): the teacher's
+    enlarged views, whether upsampled here (``on_enlarged``) or drawn by the loader."""
+    return max(int(multiple), round(int(side) * float(scale) / multiple) * int(multiple))
+
+
 def on_enlarged(
     detect: Callable[[torch.Tensor], PseudoLabels], img: torch.Tensor, scale: float, multiple: int
 ) -> PseudoLabels:
@@ -99,7 +105,7 @@ def on_enlarged(
     if scale == 1.0:
         return detect(img)
     h, w = img.shape[-2:]
-    size = tuple(max(multiple, round(side * scale / multiple) * multiple) for side in (h, w))
+    size = (enlarged_side(h, scale, multiple), enlarged_side(w, scale, multiple))
     d = detect(F.interpolate(img, size=size, mode="bilinear", align_corners=False))
     d["boxes"] = d["boxes"] * d["boxes"].new_tensor([w / size[1], h / size[0]] * 2)
     return d

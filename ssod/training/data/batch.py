@@ -19,7 +19,9 @@ Labeled batch (dict), produced by ``LabeledDataset`` + ``collate_labeled``:
     skipped    list[tuple[str, str]]  unreadable files replaced by another sample (path, reason)
 
 Unlabeled batch (dict), produced by ``UnlabeledDataset`` + ``collate_unlabeled``:
-    weak, strong          float32 (B, 3, S, S)
+    weak, strong          float32 (B, 3, Sw, Sw) and (B, 3, S, S): Sw = S, or larger when the
+                          method's teacher looks at an enlarged view (``Method.teacher_view_size``):
+                          the loader then draws it from the file at that size
     M_weak, M_strong      float32 (B, 3, 3)
     erased                float32 (B, K, 4) the strong view's cutout rectangles, xyxy pixels
                           (zero rows: none); pseudo boxes they hide are dropped

@@ -71,10 +71,15 @@ class _ImageSource:
     def __len__(self) -> int:
         return len(self.paths)
 
+    @property
+    def load_size(self) -> int:
+        """Long side images are shrunk to on reading: the largest view drawn from them."""
+        return self.imgsz
+
     def _load(self, i: int) -> tuple[np.ndarray, tuple[int, int]]:
-        """(image shrunk to long side <= imgsz, original (h, w)); raises ImageReadError."""
-        img, hw = read_image_with_size(self.paths[i], target_size=self.imgsz)
-        return shrink(img, self.imgsz), (int(hw[0]), int(hw[1]))
+        """(image shrunk to long side <= load_size, original (h, w)); raises ImageReadError."""
+        img, hw = read_image_with_size(self.paths[i], target_size=self.load_size)
+        return shrink(img, self.load_size), (int(hw[0]), int(hw[1]))
 
     def _load_fallback(
         self, i: int, skipped: list[tuple[str, str]]
@@ -236,6 +241,11 @@ class UnlabeledDataset(_ImageSource, Dataset):
 
     ``hidden``: labels the method must not train on but that let us measure pseudo-label
     quality (demo data has them); matched by path, mapped into the weak view.
+
+    ``weak_size`` (default ``imgsz``): the weak view's side. A method whose teacher looks at the
+    image enlarged (``Method.teacher_view_size``) gets its view drawn from the file at that size,
+    with the detail the file has, instead of upsampling an ``imgsz`` view; the strong view stays
+    ``imgsz``, drawn from the same read (shrunk once more when the file is larger than ``imgsz``).
     """
 
     def __init__(
@@ -246,30 +256,40 @@ class UnlabeledDataset(_ImageSource, Dataset):
         strong: StrongAug | None = None,
         seed: int = 0,
         hidden: Sequence[Any] | None = None,
+        weak_size: int | None = None,
     ):
         if len(paths) == 0:
             raise ValueError("UnlabeledDataset: no unlabeled images")
         self.paths = [str(p) for p in paths]
         self.imgsz = int(imgsz)
+        self.weak_size = int(weak_size or imgsz)
+        if self.weak_size < self.imgsz:
+            raise ValueError(f"UnlabeledDataset: weak_size {self.weak_size} is below imgsz {self.imgsz}")
         self.weak = weak or WeakAug()
         self.strong = strong or StrongAug()
         self.seed = int(seed)
         self.epoch = 0
         self.hidden = {str(s.path): s for s in hidden} if hidden else {}
 
+    @property
+    def load_size(self) -> int:
+        return self.weak_size
+
     def __getitem__(self, key: Any) -> dict[str, Any]:
         epoch, i = self._key(key)
         rng = np.random.default_rng([self.seed, epoch, i])
         skipped: list[tuple[str, str]] = []
         i, img, hw = self._load_fallback(i, skipped)
-        S = self.imgsz
+        S, SW = self.imgsz, self.weak_size
         erased: list[tuple[float, float, float, float]] = []
-        weak, M_w, strong, M_s = make_weak_strong(img, S, self.weak, self.strong, rng, orig_hw=hw, erased=erased)
+        weak, M_w, strong, M_s = make_weak_strong(
+            shrink(img, S), S, self.weak, self.strong, rng, orig_hw=hw, erased=erased, weak_size=SW, weak_src=img,
+        )
         rects = np.zeros((len(self.strong.cutouts), 4), np.float32)  # fixed K: zero rows erase nothing
         rects[: len(erased)] = np.asarray(erased, np.float32).reshape(-1, 4)
         sample = self.hidden.get(self.paths[i])
         if sample is not None:
-            gt_boxes, gt_cls = filter_boxes(*_boxes_px(sample, hw), M_w, S)
+            gt_boxes, gt_cls = filter_boxes(*_boxes_px(sample, hw), M_w, SW)
         else:
             gt_boxes, gt_cls = np.zeros((0, 4), np.float32), np.zeros(0, np.int64)
         return {

@@ -394,22 +394,29 @@ def make_weak_strong(
     rng: np.random.Generator,
     orig_hw: tuple[int, int] | None = None,
     erased: list[tuple[float, float, float, float]] | None = None,
+    weak_size: int | None = None,
+    weak_src: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Two independent geometric draws from the original; the strong one also gets the
     photometric chain. Returns ``(weak_img, M_weak, strong_img, M_strong)``; the strong view's
     cutout rectangles are appended to ``erased`` when given.
 
     ``img`` may be a resized copy (``shrink``) of an original of size ``orig_hw``; the
-    matrices always refer to the original's pixels.
+    matrices always refer to the original's pixels. ``weak_size`` (default ``imgsz``) is the
+    weak view's side, drawn from ``weak_src`` (default ``img``; another resized copy of the same
+    original, e.g. a less shrunk one for a larger weak view). The random draws do not depend on
+    either, so the strong view is the same whatever the weak view's size.
     """
     h, w = orig_hw if orig_hw is not None else img.shape[:2]
-    src = source_matrix(img, orig_hw)
-    M_weak = random_affine_matrix(h, w, imgsz, rng, weak.flip_p, weak.scale)
+    weak_size = int(weak_size or imgsz)
+    weak_src = img if weak_src is None else weak_src
+    M_weak = random_affine_matrix(h, w, weak_size, rng, weak.flip_p, weak.scale)
     M_strong = random_affine_matrix(
         h, w, imgsz, rng, strong.flip_p, strong.scale, strong.translate, strong.degrees,
         strong.shear,
     )
-    weak_img = warp(img, M_weak @ src, imgsz)
+    weak_img = warp(weak_src, M_weak @ source_matrix(weak_src, orig_hw), weak_size)
+    src = source_matrix(img, orig_hw)
     strong_img = strong_photometric(warp(img, M_strong @ src, imgsz), strong, rng, erased)
     return weak_img, M_weak, strong_img, M_strong
 

@@ -188,6 +188,7 @@ class Trainer:
             unlabeled = UnlabeledDataset(
                 self.spec.unlabeled, cfg["imgsz"], WeakAug(flip_p=aug["flip_p"]), strong_aug(aug, geo),
                 seed=cfg["seed"], hidden=self.spec.unlabeled_hidden,
+                weak_size=self.method.teacher_view_size(cfg["imgsz"], self.student),
             )
         self.loader = PairedLoader(
             labeled, unlabeled, batch_size=cfg["batch"], unlabeled_ratio=cfg["unlabeled_ratio"],

@@ -61,6 +61,13 @@ class Method:
     def hooks(self) -> list["Hook"]:
         return []
 
+    def teacher_view_size(self, imgsz: int, student: "Detector") -> int:
+        """Side of the square weak view the loader draws for the teacher (``imgsz``: the usual
+        view). A method whose teacher looks at the image enlarged asks for the enlarged side here,
+        so the view comes from the file with its real detail rather than an upsampled ``imgsz``
+        view; it then runs its teacher on the weak view as it is."""
+        return int(imgsz)
+
     def unsup_weight(self) -> float:
         """``lambda_u`` at this step: ramped up over ``unsup_warmup_epochs`` after the switch
         (methods whose config has no such key get the full weight at once)."""

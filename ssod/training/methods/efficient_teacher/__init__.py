@@ -7,8 +7,9 @@ describes the dense path.
 One step after burn-in:
 
 1. the EMA teacher detects on the weak view (one forward at ``teacher_scales`` - by default the
-   view enlarged 1.2x, for the small objects a 1x teacher misses - class-aware NMS at the
-   detection floor; several scales fuse scale-aware in ``assigner.multiscale_teacher_detections``)
+   view enlarged 1.2x, for the small objects a 1x teacher misses, which the loader draws from the
+   file at that size (``teacher_view_size``) - class-aware NMS at the detection floor; several
+   scales fuse scale-aware in ``assigner.multiscale_teacher_detections``)
    -> per-class thresholds split its boxes into reliable (>= tau2[c]), uncertain
    (tau1[c] <= s < tau2[c]) and dropped; the Epoch Adaptor records every score;
 2. the kept boxes move into the strong view (boxes leaving it are dropped);
@@ -51,10 +52,12 @@ from ssod.training.methods.efficient_teacher.assigner import (
     teacher_raw,
 )
 from ssod.training.methods.efficient_teacher.two_stage import two_stage_feature_channels, two_stage_losses
+from ssod.training.models.frcnn import SIZE_DIVISIBLE
 from ssod.training.pseudo import (
     PseudoLabels,
     QualityMeter,
     eval_mode,
+    enlarged_side,
     hidden_pseudo_labels,
     select,
     true_pseudo_labels,
@@ -185,6 +188,24 @@ class EfficientTeacher(Method):
             self.disc = DomainDiscriminator(channels, hidden=int(self.cfg["da_hidden"])).to(p.device)
         return self.disc
 
+    def teacher_view_size(self, imgsz: int, student: "Detector") -> int:
+        """One teacher scale s != 1: the loader draws the weak view at s x ``imgsz`` (rounded as
+        ``on_enlarged`` rounds) from the file, so the teacher sees the detail a larger input has
+        (SED's larger teacher scale) rather than an upsampled ``imgsz`` view, at the same cost.
+        Several scales fuse with the 1x pass, and ``unsup_background: teacher`` reads the teacher's
+        maps on the student's grid: both keep the ``imgsz`` view and enlarge it here."""
+        scales = set(self.cfg["teacher_scales"])
+        if len(scales) > 1 or self.cfg["unsup_background"] == "teacher":
+            return int(imgsz)
+        return enlarged_side(imgsz, scales.pop(), _size_multiple(student))
+
+    def pass_scales(self, unlabeled: Batch) -> list[float]:
+        """The scales to run the teacher at on ``unlabeled["weak"]``: [1.0] when the loader already
+        drew it at the teacher's scale (``teacher_view_size``: larger than the strong view)."""
+        if unlabeled["weak"].shape[-1] != unlabeled["strong"].shape[-1]:
+            return [1.0]
+        return [float(x) for x in self.cfg["teacher_scales"]]
+
     def hooks(self) -> list[Hook]:
         return [EfficientTeacherHook(self)]
 
@@ -277,11 +298,11 @@ class EfficientTeacher(Method):
         tau1, tau2 = self.thresholds(device)
         floor = adaptor.floor() if c["adaptive_thresholds"] else float(tau1.min())
         # the 1x maps: for the 1x detection pass and/or the "teacher" background targets
-        need_1x = 1.0 in c["teacher_scales"] or c["unsup_background"] == "teacher"
+        scales = self.pass_scales(unlabeled)
+        need_1x = 1.0 in scales or c["unsup_background"] == "teacher"
         raw_t = teacher_raw(teacher, unlabeled["weak"]) if need_1x else None
-        weak = multiscale_teacher_detections(
-            teacher, unlabeled["weak"], floor, c["nms_iou"], c["max_det"], c["teacher_scales"], raw=raw_t
-        )
+        weak = multiscale_teacher_detections(teacher, unlabeled["weak"], floor, c["nms_iou"], c["max_det"], scales,
+                                             raw=raw_t)
         bu = int(unlabeled["weak"].shape[0])
         if c["adaptive_thresholds"]:
             self.observe_teacher(adaptor, weak["scores"], weak["labels"], bu)
@@ -387,6 +408,14 @@ class EfficientTeacher(Method):
             if self.names is not None:
                 meta["names"] = list(self.names)
         return meta
+
+
+def _size_multiple(model: "Detector") -> int:
+    """What the model's input sides must be a multiple of: its largest stride (dense heads), or
+    torchvision's ``size_divisible`` for two-stage models."""
+    if getattr(model, "two_stage", False):
+        return SIZE_DIVISIBLE
+    return int(torch.as_tensor(model.stride).max())
 
 
 def _require_dense(model: "Detector") -> None:

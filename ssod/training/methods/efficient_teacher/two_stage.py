@@ -124,7 +124,7 @@ def two_stage_losses(
     tau1, tau2 = m.thresholds(device)
     floor = adaptor.floor() if c["adaptive_thresholds"] else float(tau1.min())
     weak = on_enlarged(lambda x: teacher_detections(teacher, x, floor, c["nms_iou"], c["max_det"]),
-                       unlabeled["weak"], float(c["teacher_scales"][0]), SIZE_DIVISIBLE)
+                       unlabeled["weak"], m.pass_scales(unlabeled)[0], SIZE_DIVISIBLE)
     bu, bl = int(unlabeled["weak"].shape[0]), int(labeled["img"].shape[0])
     if c["adaptive_thresholds"]:
         m.observe_teacher(adaptor, weak["scores"], weak["labels"], bu)
