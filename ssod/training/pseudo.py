@@ -33,14 +33,17 @@ __all__ = [
 
 @contextmanager
 def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """Eval mode and no grad for the duration, restoring the previous mode (BN stats stay put)."""
+    """Eval mode and no grad for the duration, restoring the previous mode (BN stats stay put).
+    A model already in eval mode (the EMA teacher, every step) is not walked twice for nothing."""
     was_training = model.training
-    model.eval()
+    if was_training:
+        model.eval()
     try:
         with torch.no_grad():
             yield model
     finally:
-        model.train(was_training)
+        if was_training:
+            model.train()
 
 
 def empty_pseudo(device: torch.device | str = "cpu") -> PseudoLabels:

