@@ -490,6 +490,8 @@ def test_teacher_view_comes_from_the_loader_at_the_teacher_scale(student, monkey
     for cfg in ({"teacher_scales": [1.0]}, {"teacher_scales": [1.0, 1.6]},
                 {"teacher_scales": [1.2], "unsup_background": "teacher"}):
         assert build_method("efficient_teacher", cfg).teacher_view_size(96, student) == 96
+    assert build_method("efficient_teacher", {"teacher_scales": [1.0]}).teacher_view_size(100, student) == 100
+    assert build_method("efficient_teacher", {"teacher_scales": [1.05]}).teacher_view_size(100, student) == 100
     assert build_method("mean_teacher", {}).teacher_view_size(96, student) == 96
 
     labeled, unlabeled = _batches()

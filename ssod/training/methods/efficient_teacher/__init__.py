@@ -195,9 +195,9 @@ class EfficientTeacher(Method):
         Several scales fuse with the 1x pass, and ``unsup_background: teacher`` reads the teacher's
         maps on the student's grid: both keep the ``imgsz`` view and enlarge it here."""
         scales = set(self.cfg["teacher_scales"])
-        if len(scales) > 1 or self.cfg["unsup_background"] == "teacher":
+        if len(scales) > 1 or scales == {1.0} or self.cfg["unsup_background"] == "teacher":
             return int(imgsz)
-        return enlarged_side(imgsz, scales.pop(), _size_multiple(student))
+        return max(int(imgsz), enlarged_side(imgsz, scales.pop(), _size_multiple(student)))
 
     def pass_scales(self, unlabeled: Batch) -> list[float]:
         """The scales to run the teacher at on ``unlabeled["weak"]``: [1.0] when the loader already
