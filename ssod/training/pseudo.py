@@ -26,8 +26,8 @@ PseudoLabels = dict[str, torch.Tensor]
 
 __all__ = [
     "PseudoLabels", "eval_mode", "empty_pseudo", "concat_detections", "select", "teacher_detections", "enlarged_side",
-    "on_enlarged", "weak_to_strong", "teacher_pseudo_labels", "match_hidden", "pseudo_label_quality", "true_pseudo_labels",
-    "pseudo_batch", "QualityMeter",
+    "on_enlarged", "weak_to_strong", "teacher_pseudo_labels", "match_hidden", "pseudo_label_quality",
+    "true_pseudo_labels", "pseudo_batch", "QualityMeter",
 ]
 
 

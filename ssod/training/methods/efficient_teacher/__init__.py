@@ -48,6 +48,7 @@ from ssod.training.methods.efficient_teacher.assigner import (
     PseudoLabelAssigner,
     class_maps,
     labeled_targets,
+    max_stride,
     multiscale_teacher_detections,
     teacher_raw,
 )
@@ -181,7 +182,7 @@ class EfficientTeacher(Method):
                 channels = two_stage_feature_channels(student)
             else:
                 _require_dense(student)
-                size = max(64, 2 * int(torch.as_tensor(student.stride).max()))
+                size = max(64, 2 * max_stride(student))
                 with eval_mode(student):
                     feats, _ = student.forward_features(torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype))
                 channels = [f.shape[1] for f in feats]
@@ -415,7 +416,7 @@ def _size_multiple(model: "Detector") -> int:
     torchvision's ``size_divisible`` for two-stage models."""
     if getattr(model, "two_stage", False):
         return SIZE_DIVISIBLE
-    return int(torch.as_tensor(model.stride).max())
+    return max_stride(model)
 
 
 def _require_dense(model: "Detector") -> None:

@@ -43,7 +43,8 @@ if TYPE_CHECKING:
     from ssod.training.models.base import Detector
 
 __all__ = [
-    "pad_per_image", "inside_any", "localization_quality", "teacher_raw", "class_maps", "dense_teacher_detections",
+    "pad_per_image", "inside_any", "max_stride", "localization_quality", "teacher_raw", "class_maps",
+    "dense_teacher_detections",
     "multiscale_teacher_detections", "side_of", "PseudoLabelAssigner", "labeled_targets",
 ]
 
@@ -90,6 +91,11 @@ def teacher_raw(teacher: "Detector", img: torch.Tensor) -> list[torch.Tensor]:
     """The teacher's raw per-level head maps on ``img`` (eval mode, no grad)."""
     with eval_mode(teacher):
         return teacher.forward_raw(img)
+
+
+def max_stride(model: "Detector") -> int:
+    """A dense model's largest stride: what its input sides must be a multiple of."""
+    return int(torch.as_tensor(model.stride).max())
 
 
 def class_maps(raw: list[torch.Tensor], reg_max: int) -> list[torch.Tensor]:
@@ -147,7 +153,7 @@ def scaled_teacher_detections(
     if scale == 1.0:
         return dense_teacher_detections(teacher, img, conf, iou, max_det, raw=raw)
     return on_enlarged(lambda x: dense_teacher_detections(teacher, x, conf, iou, max_det), img, scale,
-                       int(torch.as_tensor(teacher.stride).max()))
+                       max_stride(teacher))
 
 
 @torch.no_grad()
