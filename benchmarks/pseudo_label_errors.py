@@ -11,13 +11,15 @@ the right class but IoU < 0.5 or a duplicate; background), and recall by object 
 pass averages the teacher's dense outputs with those of the mirrored image (flip test-time
 augmentation, what a second teacher forward per step would buy). ``--scales 1.6`` adds the teacher
 on enlarged views (alone, and fused with the 1x pass as efficient_teacher's ``teacher_scales``
-does). Needs ``hidden_labels:`` in the data.yaml (the demo data has them).
+does). ``--precisions fp32 bf16`` runs each teacher in both precisions (the trainer's
+``teacher_precision``). Needs ``hidden_labels:`` in the data.yaml (the demo data has them).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -135,6 +137,8 @@ def main() -> None:
     ap.add_argument("--scales", type=float, nargs="*", default=[],
                     help="also run the teacher on views enlarged by these factors (bilinear from the imgsz view, "
                          "and letterboxed from the file at that size), boxes mapped back")
+    ap.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
+                    help="run every teacher in each of these precisions (the trainer's teacher_precision)")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("SSOD_THREADS", os.cpu_count() or 1)))
 
@@ -161,8 +165,12 @@ def main() -> None:
             detect(model, load_views(spec, size, args.n)[0], False, args.conf, args.iou), args.imgsz / size)))
         runs.append((f"teacher_scales [1, {scale:g}] (fused)", lambda scale=scale: detect_multiscale(
             model, x, [1.0, scale], args.conf, args.iou)))
-    for name, run in runs:
+    runs = [(f"{name}, {p}" if len(args.precisions) > 1 else name, p, run) for p in args.precisions for name, run in runs]
+    for name, precision, run in runs:
+        model.pseudo_label_dtype = torch.bfloat16 if precision == "bf16" else None
+        t0 = time.perf_counter()
         dets = run()
+        name += f" ({time.perf_counter() - t0:.1f} s)"
         for label, kept in ((f"tau2 count ({args.alpha:.0%})", top_per_class(dets, counts * args.alpha)),
                             ("tau1 count (100%)", top_per_class(dets, counts)), (f"all >= {args.conf}", dets)):
             kinds = error_kinds(kept, gt)

@@ -92,6 +92,9 @@ EXTRA_ROWS = {
     # the defaults once the loader draws the teacher's 1.2x weak view from the file (Method.teacher_view_size)
     # instead of the method upsampling the imgsz view: the same config as et_blur_scaled, newer code
     "et_view_from_file": ("efficient_teacher", 0.1, {}),
+    # the defaults once the teacher pseudo-labels in bf16 on CPUs with AMX (teacher_precision auto, the
+    # default since Run 16; float32 before): the same config as et_view_from_file, newer code
+    "et_teacher_bf16": ("efficient_teacher", 0.1, {}),
     "et_blur_scaled": ("efficient_teacher", 0.1, {"teacher_scales": [1.2]}),
     "mt_blur_scaled": ("mean_teacher", 0.1, {}),
     "et_lambda1_box3": ("efficient_teacher", 0.1, {"lambda_u": 1.0, "unsup_box_weight": 3.0, "unsup_dfl_weight": 3.0}),

@@ -9,8 +9,8 @@ matrices, and measures them against hidden labels when the data has them.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from typing import TYPE_CHECKING, Callable, ContextManager, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -34,16 +34,26 @@ __all__ = [
 @contextmanager
 def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """Eval mode and no grad for the duration, restoring the previous mode (BN stats stay put).
-    A model already in eval mode (the EMA teacher, every step) is not walked twice for nothing."""
+    A model already in eval mode (the EMA teacher, every step) is not walked twice for nothing.
+    A model with a ``pseudo_label_dtype`` (the trainer's teacher, ``ema.teacher_dtype``) also runs
+    under autocast to that dtype; its outputs come back as float32."""
     was_training = model.training
     if was_training:
         model.eval()
+    dtype = getattr(model, "pseudo_label_dtype", None)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _autocast(model, dtype):
             yield model
     finally:
         if was_training:
             model.train()
+
+
+def _autocast(model: torch.nn.Module, dtype: torch.dtype | None) -> ContextManager[object]:
+    if dtype is None:
+        return nullcontext()
+    device = next(model.parameters()).device
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def empty_pseudo(device: torch.device | str = "cpu") -> PseudoLabels:

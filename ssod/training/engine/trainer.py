@@ -22,7 +22,7 @@ import yaml
 from torch import nn
 
 from ssod.training.engine.checkpoint import CHECKPOINT_VERSION, load_checkpoint, plain
-from ssod.training.engine.ema import ModelEMA
+from ssod.training.engine.ema import ModelEMA, teacher_dtype
 from ssod.training.engine.hooks import (
     CheckpointHook,
     EMATeacherHook,
@@ -133,6 +133,12 @@ class Trainer:
         mb = cfg.get("burn_in_epochs")
         self.burn_in_epochs = int(mb if mb is not None else self.method.cfg.get("burn_in_epochs", 0))
         self.ema = ModelEMA(self.student, cfg["ema_decay"], cfg["ema_tau"])
+        # runs saved before the setting existed pseudo-labelled in float32
+        precision = cfg.get("teacher_precision", "fp32")
+        self.teacher.pseudo_label_dtype = teacher_dtype(precision, self.device, self.student)
+        if self.method.uses_unlabeled:
+            LOG.info("teacher pseudo-labels in %s (teacher_precision %s)",
+                     str(self.teacher.pseudo_label_dtype or torch.float32).removeprefix("torch."), precision)
 
         self._build_data()
         self.optimizer = self._build_optimizer()

@@ -28,11 +28,17 @@ class Detector(nn.Module, ABC):
     """
 
     family: str = ""
+    # Whether the family's eval forward may run under a reduced-precision autocast and still hand
+    # back float32 outputs (what the teacher's bf16 pseudo-labelling needs; ``ema.teacher_dtype``).
+    reduced_precision_inference: bool = False
 
     def __init__(self, spec: dict[str, Any]):
         super().__init__()
         self.spec = dict(spec)
         self.names: list[str] = list(spec["names"])
+        # dtype the EMA teacher's pseudo-labelling forward runs in (None = float32); set by the
+        # trainer on its teacher only, applied by ``pseudo.eval_mode``. Validation stays float32.
+        self.pseudo_label_dtype: torch.dtype | None = None
 
     @property
     def num_classes(self) -> int:

@@ -148,6 +148,15 @@ def dense_nms(
     ]
 
 
+def _as_float(x: Any) -> Any:
+    """Floating tensors (alone or in a list/tuple) as float32; anything else as it is."""
+    if isinstance(x, torch.Tensor):
+        return x.float() if x.is_floating_point() else x
+    if isinstance(x, (list, tuple)):
+        return type(x)(_as_float(t) for t in x)
+    return x
+
+
 class _DecodedOutput(nn.Module):
     """Export wrapper: image (B, 3, S, S) in [0, 1] -> decoded (B, 4 + nc, A)."""
 
@@ -168,6 +177,7 @@ class YoloDetector(Detector):
     """
 
     family = "yolo"
+    reduced_precision_inference = True
 
     def __init__(self, spec: dict[str, Any]):
         super().__init__(spec)
@@ -227,7 +237,11 @@ class YoloDetector(Detector):
         else:
             out = self.model(img.contiguous(memory_format=torch.channels_last))
         decoded, preds = out if isinstance(out, tuple) else (None, out)
-        return preds.get("one2many", preds), decoded
+        preds = preds.get("one2many", preds)
+        if torch.is_autocast_enabled(img.device.type):  # a reduced-precision teacher: callers get float32
+            preds = {k: _as_float(v) for k, v in preds.items()}
+            decoded = _as_float(decoded)
+        return preds, decoded
 
     def _folded_copy(self) -> FoldedCopy | None:
         """Built on first use, outside the module tree (never in state_dict, dropped by deepcopy)."""
