@@ -257,6 +257,10 @@ def test_eval_no_grad_forward_runs_a_folded_copy_kept_in_sync():
     assert folded.ok and len(folded.pairs) > 10
     assert all(m.weight.is_contiguous(memory_format=torch.channels_last)
                for m in folded.model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1))
+    # the folded layers' activations run in place (the copy's own modules, never the source's)
+    acts = [m.act for m in folded.model.modules() if hasattr(m, "conv") and isinstance(getattr(m, "act", None), torch.nn.SiLU)]
+    assert acts and all(a.inplace for a in acts)
+    assert not any(m.inplace for m in det.model.modules() if isinstance(m, torch.nn.SiLU))
     for a, b in zip(fast, plain):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     with torch.no_grad():  # what ModelEMA.update does: in-place writes to parameters and BN buffers
@@ -293,6 +297,46 @@ def test_folded_copy_refuses_a_structure_it_cannot_sync():
 
     assert FoldedCopy(det.model, lambda m: m.fuse(verbose=False)).ok
     assert not FoldedCopy(det.model, odd_fold).ok
+
+
+def test_folded_copy_keeps_an_activation_another_module_reads_out_of_place():
+    """In-place activations only where the folded convolution is the activation's sole caller."""
+    from torch import nn
+
+    from ssod.training.models.folded import FoldedCopy
+
+    class ConvBN(nn.Module):
+        def __init__(self, act: nn.Module):
+            super().__init__()
+            self.conv, self.bn, self.act = nn.Conv2d(3, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3), act
+
+        def forward(self, x):
+            return self.act(self.bn(self.conv(x))) if hasattr(self, "bn") else self.act(self.conv(x))
+
+    class Residual(nn.Module):  # reads x after its activation: x must survive
+        def __init__(self, act: nn.Module):
+            super().__init__()
+            self.act = act
+
+        def forward(self, x):
+            return x + self.act(x)
+
+    def fold(m: nn.Module) -> nn.Module:
+        for layer in m.modules():
+            if isinstance(layer, ConvBN):
+                layer.conv = torch.nn.utils.fuse_conv_bn_eval(layer.conv, layer.bn)
+                del layer.bn
+        return m
+
+    shared = nn.SiLU()
+    net = nn.Sequential(ConvBN(shared), Residual(shared), ConvBN(nn.SiLU())).eval()
+    copy_ = FoldedCopy(net, fold)
+    assert copy_.ok and len(copy_.pairs) == 2
+    assert not copy_.model[0].act.inplace and copy_.model[0].act is copy_.model[1].act
+    assert copy_.model[2].act.inplace
+    x = torch.rand(1, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(copy_(net, x), net(x), atol=1e-5, rtol=1e-5)
 
 
 def test_load_weights(tmp_path: Path):
