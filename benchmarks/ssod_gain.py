@@ -95,6 +95,11 @@ EXTRA_ROWS = {
     # the defaults once the teacher pseudo-labels in bf16 on CPUs with AMX (teacher_precision auto, the
     # default since Run 16; float32 before): the same config as et_view_from_file, newer code
     "et_teacher_bf16": ("efficient_teacher", 0.1, {}),
+    # two unlabeled images per labeled one in each step (trainer-level unlabeled_ratio, the 4th element:
+    # trainer overrides): Soft Teacher and DTG sample 1:4; the method sees twice the pseudo-labelled images
+    # for the same number of steps (its cost is measured against supervised on as many student images)
+    "et_ratio2": ("efficient_teacher", 0.1, {}, {"unlabeled_ratio": 2}),
+    "mt_ratio2": ("mean_teacher", 0.1, {}, {"unlabeled_ratio": 2}),
     "et_blur_scaled": ("efficient_teacher", 0.1, {"teacher_scales": [1.2]}),
     "mt_blur_scaled": ("mean_teacher", 0.1, {}),
     "et_lambda1_box3": ("efficient_teacher", 0.1, {"lambda_u": 1.0, "unsup_box_weight": 3.0, "unsup_dfl_weight": 3.0}),
@@ -131,16 +136,16 @@ def config(args, data: Path, method: str, method_cfg: dict, name: str, **kw) -> 
 
 
 def step_cost(args, data: Path, method_name: str = "efficient_teacher", n: int = 20,
-              method_cfg: dict | None = None) -> dict:
-    """Seconds per step: an SSOD method (B labeled + B unlabeled) vs supervised on 2B labeled.
+              method_cfg: dict | None = None, unlabeled_ratio: int = 1) -> dict:
+    """Seconds per step: an SSOD method (B labeled + uB unlabeled) vs supervised on (1 + u)B labeled.
 
     The two trainers take turns step by step (median of ``n`` each after 2 warm-up steps), so
     whatever else slows the machine meanwhile slows both alike.
     """
     runs = {}
-    for label, method, batch, mcfg in (("supervised_2B", "supervised", 2 * args.batch, {}),
+    for label, method, batch, mcfg in (("supervised_2B", "supervised", (1 + unlabeled_ratio) * args.batch, {}),
                                        ("ssod", method_name, args.batch, method_cfg or {})):
-        cfg = config(args, data, method, mcfg, f"cost-{label}", burn_in_epochs=0)
+        cfg = config(args, data, method, mcfg, f"cost-{label}", burn_in_epochs=0, unlabeled_ratio=unlabeled_ratio)
         cfg["batch"], cfg["workers"] = batch, 0
         t = Trainer(cfg)
         t.method.epoch, t.method.burn_in = 0, False
@@ -347,8 +352,8 @@ def main(rows: dict = ROWS, cost_methods: tuple[str, ...] = ("efficient_teacher"
         run_parallel(ap, args, pending, table, results_path)
         results, pending = _read_results(results_path), []
     for row in pending:
-        method, ratio, mcfg = table[row]
-        kw = {}
+        method, ratio, mcfg, *trainer_kw = table[row]
+        kw = dict(trainer_kw[0]) if trainer_kw else {}
         if method != "supervised" and args.burn_in > 0:
             kw["burn_in_from"] = args.burn_in_from or _supervised_burn_in(args, results_path, results, row)
         t0 = time.perf_counter()
@@ -373,10 +378,11 @@ def main(rows: dict = ROWS, cost_methods: tuple[str, ...] = ("efficient_teacher"
         print(f"\ncurves: {plot_rows(results, Path(args.out) / 'ssod_gain.png', args.burn_in)}")
     if not args.no_cost:
         for name in filter(None, args.cost_rows.split(",")):
-            method, _, mcfg = table.get(name, (name, 0.1, {}))
-            c = step_cost(args, data[0.1], method, method_cfg=mcfg)
-            print(f"\nstep cost (median s/step): supervised on {2 * args.batch} labeled {c['supervised_2B']:.3f}, "
-                  f"{name} {args.batch}+{args.batch} {c['ssod']:.3f} -> overhead {c['overhead']:+.0%}")
+            method, _, mcfg, *trainer_kw = table.get(name, (name, 0.1, {}))
+            u = int((trainer_kw[0] if trainer_kw else {}).get("unlabeled_ratio", 1))
+            c = step_cost(args, data[0.1], method, method_cfg=mcfg, unlabeled_ratio=u)
+            print(f"\nstep cost (median s/step): supervised on {(1 + u) * args.batch} labeled {c['supervised_2B']:.3f}, "
+                  f"{name} {args.batch}+{u * args.batch} {c['ssod']:.3f} -> overhead {c['overhead']:+.0%}")
 
 
 if __name__ == "__main__":
