@@ -238,7 +238,8 @@ class YoloDetector(Detector):
             out = self.model(img.contiguous(memory_format=torch.channels_last))
         decoded, preds = out if isinstance(out, tuple) else (None, out)
         preds = preds.get("one2many", preds)
-        if torch.is_autocast_enabled(img.device.type):  # a reduced-precision teacher: callers get float32
+        if not torch.is_grad_enabled() and torch.is_autocast_enabled(img.device.type):
+            # a reduced-precision teacher (pseudo.eval_mode): its callers get float32
             preds = {k: _as_float(v) for k, v in preds.items()}
             decoded = _as_float(decoded)
         return preds, decoded
