@@ -420,6 +420,37 @@ def test_efficient_teacher_labeled_norm_passes_the_labeled_mass_as_floor(student
         build_method("efficient_teacher", {"unsup_norm": "mean"})
 
 
+def _repeated(unlabeled: dict) -> dict:
+    """The unlabeled batch twice over (a 1:2 labeled:unlabeled step made of the same images)."""
+    b = unlabeled["weak"].shape[0]
+    out = {k: torch.cat((v, v)) if k in ("weak", "strong", "M_weak", "M_strong", "orig_size", "gt_boxes", "gt_cls")
+           else v for k, v in unlabeled.items()}
+    return {**out, "gt_batch_idx": torch.cat((unlabeled["gt_batch_idx"], unlabeled["gt_batch_idx"] + b)),
+            "paths": unlabeled["paths"] * 2}
+
+
+@pytest.mark.parametrize("method", ["efficient_teacher", "mean_teacher"])
+def test_lambda_weighs_the_same_at_any_unlabeled_ratio(student, method):
+    """L = L_s + lambda * L_u with each part per image of its own batch (the papers' form): the same
+    unlabeled images twice over (ratio 1:2) give the same unsupervised terms as once (1:1)."""
+    student = copy.deepcopy(student).eval()  # BatchNorm running statistics: duplicates change nothing
+    teacher = _confident_teacher(student)
+    labeled, unlabeled = _batches()
+    out = []
+    for ul in (unlabeled, _repeated(unlabeled)):
+        m = build_method(method, {"burn_in_epochs": 1, "domain_adaptation": False} if method == "efficient_teacher"
+                         else {"burn_in_epochs": 1, "threshold": 0.4})
+        if method == "efficient_teacher":
+            m.extra_modules(student)
+            m._ensure(NAMES)
+        m.burn_in = False
+        out.append({k: float(v.detach()) for k, v in m.losses(labeled, ul, student, teacher).items()})
+    assert set(out[0]) == set(out[1]) and len(out[0]) > 1
+    for k in out[0]:
+        assert out[1][k] == pytest.approx(out[0][k], rel=1e-4), k
+    assert any(v > 0 for k, v in out[0].items() if k.startswith("unsup"))
+
+
 def test_plain_pla_default_gives_uncertain_boxes_no_box_loss(student):
     """The shipped default (uncertain_box_loc 1.0) is the paper's plain PLA, even for a perfectly sharp teacher."""
     assert build_method("efficient_teacher", {}).cfg["uncertain_box_loc"] >= 1.0

@@ -81,6 +81,8 @@ class MeanTeacher(MeteredMethod):
         self.step_log["pl_boxes_per_img"] = len(strong["scores"]) / max(unlabeled["weak"].shape[0], 1)
         lam = self.unsup_weight()
         self.step_log["lambda_u"] = lam
+        if student.loss_sums_over_images:  # lambda weighs the parts per image, at any labeled:unlabeled ratio
+            unsup = unsup * (labeled["img"].shape[0] / max(unlabeled["weak"].shape[0], 1))
         return {"sup": sup, "unsup": lam * unsup}
 
     def log_values(self) -> dict[str, float]:

@@ -31,6 +31,10 @@ class Detector(nn.Module, ABC):
     # Whether the family's eval forward may run under a reduced-precision autocast and still hand
     # back float32 outputs (what the teacher's bf16 pseudo-labelling needs; ``ema.teacher_dtype``).
     reduced_precision_inference: bool = False
+    # True when ``loss`` is a sum over the batch's images (ultralytics scales its loss by the batch
+    # size), False when it is a mean (torchvision): methods weigh an unlabeled batch of another size
+    # against the labeled one with it.
+    loss_sums_over_images: bool = False
 
     def __init__(self, spec: dict[str, Any]):
         super().__init__()

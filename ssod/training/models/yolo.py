@@ -178,6 +178,7 @@ class YoloDetector(Detector):
 
     family = "yolo"
     reduced_precision_inference = True
+    loss_sums_over_images = True
 
     def __init__(self, spec: dict[str, Any]):
         super().__init__(spec)

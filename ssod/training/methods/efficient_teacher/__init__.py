@@ -353,11 +353,14 @@ class EfficientTeacher(Method):
         if ignore is not None:
             self.meter.add_count("pl_ignore_regions", len(ignore["scores"]))
         lam = self.unsup_weight()
+        # L = L_s + lambda * L_u with each part per image of its own batch (the papers' form), both at
+        # ultralytics' scale of the labeled batch size: lambda weighs the same at any labeled:unlabeled
+        # ratio (at 1:1 this is ultralytics' sum over all images)
         out = {
             "sup": (sup["box"] + sup["cls"] + sup["dfl"]) * bl,
-            "unsup_cls": lam * bu * uns["cls"],
-            "unsup_box": lam * bu * uns["box"],
-            "unsup_dfl": lam * bu * uns["dfl"],
+            "unsup_cls": lam * bl * uns["cls"],
+            "unsup_box": lam * bl * uns["box"],
+            "unsup_dfl": lam * bl * uns["dfl"],
         }
         self.step_log = {
             "lambda_u": lam,
