@@ -145,7 +145,7 @@ def step_cost(args, data: Path, method_name: str = "efficient_teacher", n: int =
     whatever else slows the machine meanwhile slows both alike.
     """
     runs = {}
-    for label, method, batch, mcfg in (("supervised_2B", "supervised", (1 + unlabeled_ratio) * args.batch, {}),
+    for label, method, batch, mcfg in (("supervised_same_images", "supervised", (1 + unlabeled_ratio) * args.batch, {}),
                                        ("ssod", method_name, args.batch, method_cfg or {})):
         cfg = config(args, data, method, mcfg, f"cost-{label}", burn_in_epochs=0, unlabeled_ratio=unlabeled_ratio)
         cfg["batch"], cfg["workers"] = batch, 0
@@ -168,7 +168,7 @@ def step_cost(args, data: Path, method_name: str = "efficient_teacher", n: int =
             if i >= 2:  # warm-up excluded
                 times.append(time.perf_counter() - t0)
     out = {label: sorted(times)[len(times) // 2] for label, (_, _, times) in runs.items()}
-    out["overhead"] = out["ssod"] / out["supervised_2B"] - 1
+    out["overhead"] = out["ssod"] / out["supervised_same_images"] - 1
     return out
 
 
@@ -383,7 +383,7 @@ def main(rows: dict = ROWS, cost_methods: tuple[str, ...] = ("efficient_teacher"
             method, _, mcfg, *trainer_kw = table.get(name, (name, 0.1, {}))
             u = int((trainer_kw[0] if trainer_kw else {}).get("unlabeled_ratio", 1))
             c = step_cost(args, data[0.1], method, method_cfg=mcfg, unlabeled_ratio=u)
-            print(f"\nstep cost (median s/step): supervised on {(1 + u) * args.batch} labeled {c['supervised_2B']:.3f}, "
+            print(f"\nstep cost (median s/step): supervised on {(1 + u) * args.batch} labeled {c['supervised_same_images']:.3f}, "
                   f"{name} {args.batch}+{u * args.batch} {c['ssod']:.3f} -> overhead {c['overhead']:+.0%}")
 
 
