@@ -102,6 +102,9 @@ EXTRA_ROWS = {
     # convention (losses summed over all images) with lambda_u 1.5 / 0.5: the same losses.
     "et_ratio2": ("efficient_teacher", 0.1, {}, {"unlabeled_ratio": 2}),
     "mt_ratio2": ("mean_teacher", 0.1, {}, {"unlabeled_ratio": 2}),
+    # the two ablations at 1:2
+    "et_ratio2_fixed_thresholds": ("efficient_teacher", 0.1, {"adaptive_thresholds": False}, {"unlabeled_ratio": 2}),
+    "et_ratio2_no_domain_adapt": ("efficient_teacher", 0.1, {"domain_adaptation": False}, {"unlabeled_ratio": 2}),
     "et_blur_scaled": ("efficient_teacher", 0.1, {"teacher_scales": [1.2]}),
     "mt_blur_scaled": ("mean_teacher", 0.1, {}),
     "et_lambda1_box3": ("efficient_teacher", 0.1, {"lambda_u": 1.0, "unsup_box_weight": 3.0, "unsup_dfl_weight": 3.0}),
