@@ -48,7 +48,7 @@ def train(
     epochs: Optional[int] = typer.Option(None, help="Training epochs."),
     imgsz: Optional[int] = typer.Option(None, help="Square training/eval image size in pixels."),
     batch: Optional[int] = typer.Option(None, help="Labeled images per step (unlabeled = batch x unlabeled-ratio)."),
-    unlabeled_ratio: Optional[int] = typer.Option(None, help="Unlabeled images per labeled image in a step (1 or 4 typical)."),
+    unlabeled_ratio: Optional[int] = typer.Option(None, help="Unlabeled images per labeled image in a step (1, 2 or 4 typical); steps per epoch stay the same."),
     out: Optional[str] = typer.Option(None, help="Parent folder of run folders."),
     name: Optional[str] = typer.Option(None, help="Run folder name (default <method>-<model>)."),
     resume: Optional[str] = typer.Option(None, help="Continue a run: its weights/last.pt or its run folder."),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import cv2
@@ -112,15 +113,20 @@ def _flat(batches) -> list[torch.Tensor]:
 def test_batches_follow_the_contract_and_ratio(data):
     for ratio in (1, 4):
         loader = _paired(data, ratio=ratio)
-        assert len(loader) == 16 // (2 * ratio)
+        assert len(loader) == 16 // 2  # the ratio sets the images per step, never the schedule
         batches = list(loader.epoch(0))
         assert len(batches) == len(loader)
         for lb, ub in batches:
             _check_labeled(lb, 2)
             _check_unlabeled(ub, 2 * ratio)
-        # the epoch walked the unlabeled set exactly once (corrupt file replaced by its neighbour)
+        # the epoch walked the unlabeled set exactly `ratio` times (corrupt file replaced by its neighbour)
         seen = [p for _, ub in batches for p in ub["paths"]]
-        assert data["bad"] not in seen and len(seen) == 16
+        assert data["bad"] not in seen and len(seen) == 16 * ratio
+        walked = Counter(i for batch in loader._unl_sampler for _, i in batch)
+        assert walked == {i: ratio for i in range(16)}
+        # and the next epoch starts on fresh passes
+        loader._unl_sampler.epoch = 1
+        assert {p for batch in loader._unl_sampler for p, _ in batch} == set(range(ratio, 2 * ratio))
         assert sum(len(lb["cls"]) for lb, _ in batches) > 0
 
 

@@ -412,11 +412,15 @@ class PairedLoader:
     """One (labeled, unlabeled) batch pair per step; ``epoch(e)`` is fully determined by
     (seed, e).
 
-    With unlabeled data an epoch walks the unlabeled set once (its pass ``e``, drop last)
-    while labeled batches continue an endless stream of reshuffled passes (position
-    ``e * steps * batch_size``). Without it (supervised) an epoch walks the labeled set once.
-    ``steps_per_epoch`` overrides the length; the driving set then becomes an endless stream
-    too. Only one ``epoch()`` iterator may be live at a time (workers are persistent).
+    With unlabeled data an epoch has as many steps as one 1:1 pass over the unlabeled set
+    (``N_u // batch_size``) and walks its passes ``e*r .. e*r + r - 1`` at ``unlabeled_ratio`` r
+    (drop last), while labeled batches continue an endless stream of reshuffled passes (position
+    ``e * steps * batch_size``). The ratio so sets the unlabeled images per step and never the
+    schedule: steps, LR schedule and burn-in are the same at any ratio, as in the iteration-based
+    SSOD codebases (Soft Teacher's 1:4 sampling does not shorten its schedule either). Without
+    unlabeled data (supervised) an epoch walks the labeled set once. ``steps_per_epoch``
+    overrides the length; the driving set then becomes an endless stream too. Only one
+    ``epoch()`` iterator may be live at a time (workers are persistent).
     """
 
     def __init__(
@@ -438,14 +442,13 @@ class PairedLoader:
         lab_stream = _Stream(nl, seed, tag=0)
         if unlabeled_ds is not None:
             nu, bu = len(unlabeled_ds), self.unlabeled_batch_size
-            natural = nu // bu
-            if steps_per_epoch is None and natural == 0:
+            if steps_per_epoch is None and nu < bu:
                 raise ValueError(
                     f"{nu} unlabeled images are fewer than one unlabeled batch "
-                    f"({batch_size} x ratio {unlabeled_ratio} = {bu}); lower the batch size"
+                    f"({batch_size} x ratio {unlabeled_ratio} = {bu}); lower the batch size or the ratio"
                 )
-            self.steps = int(steps_per_epoch or natural)
-            unl_stride = nu if steps_per_epoch is None else self.steps * bu
+            self.steps = int(steps_per_epoch or nu // self.batch_size)
+            unl_stride = nu * int(unlabeled_ratio) if steps_per_epoch is None else self.steps * bu
             self._unl_sampler = _EpochBatchSampler(_Stream(nu, seed, tag=1), bu, self.steps, unl_stride)
             self._lab_sampler = _EpochBatchSampler(
                 lab_stream, self.batch_size, self.steps, self.steps * self.batch_size
