@@ -16,7 +16,9 @@ The SSOD rows' minutes therefore count only their post-burn-in epochs; the table
 Defaults: full-width yolov8n, 160 px, 20 epochs x 125 steps, burn-in 8. At 10 epochs (the budget
 of benchmarks/supervised_demo.py, about an hour for all rows) supervised training on the 200
 labeled images is still improving and every SSOD row loses to it (docs/benchmarks.md Runs 2-6);
-at 20 it has converged (flat from epoch 14) and the SSOD rows gain (Runs 6-7). The price: 20-35
+at 20 the SSOD rows gain (Runs 6-17). Neither budget converges supervised training: at 20 x 184
+steps every row rises by 2.5-6.4 points and efficient_teacher's share of the gap falls from ~40%
+to 36% (Run 17), so compare rows within one budget, never across. The price: 20-35
 minutes per supervised row and 25-45 per SSOD row (two hosts) with one thread per process, two
 processes at a time on 2 cores - 1.5 to 2 hours for the six rows, more than the hour issue 3 asked for.
 ``--jobs 2`` runs the rows that way by itself (supervised and oracle first, each SSOD row as soon
