@@ -413,8 +413,8 @@ class PairedLoader:
     (seed, e).
 
     With unlabeled data an epoch has as many steps as one 1:1 pass over the unlabeled set
-    (``N_u // batch_size``) and walks its passes ``e*r .. e*r + r - 1`` at ``unlabeled_ratio`` r
-    (drop last), while labeled batches continue an endless stream of reshuffled passes (position
+    (``N_u // batch_size``) and walks the unlabeled set r times at ``unlabeled_ratio`` r (each epoch
+    from a fresh pass, drop last), while labeled batches continue an endless stream of reshuffled passes (position
     ``e * steps * batch_size``). The ratio so sets the unlabeled images per step and never the
     schedule: steps, LR schedule and burn-in are the same at any ratio, as in the iteration-based
     SSOD codebases (Soft Teacher's 1:4 sampling does not shorten its schedule either). Without
@@ -448,7 +448,8 @@ class PairedLoader:
                     f"({batch_size} x ratio {unlabeled_ratio} = {bu}); lower the batch size or the ratio"
                 )
             self.steps = int(steps_per_epoch or nu // self.batch_size)
-            unl_stride = nu * int(unlabeled_ratio) if steps_per_epoch is None else self.steps * bu
+            # natural epochs start on a fresh pass: r passes at an integer ratio r, as many as needed otherwise
+            unl_stride = -(-self.steps * bu // nu) * nu if steps_per_epoch is None else self.steps * bu
             self._unl_sampler = _EpochBatchSampler(_Stream(nu, seed, tag=1), bu, self.steps, unl_stride)
             self._lab_sampler = _EpochBatchSampler(
                 lab_stream, self.batch_size, self.steps, self.steps * self.batch_size
