@@ -413,14 +413,14 @@ class PairedLoader:
     (seed, e).
 
     With unlabeled data an epoch has as many steps as one 1:1 pass over the unlabeled set
-    (``N_u // batch_size``) and walks the unlabeled set r times at ``unlabeled_ratio`` r (each epoch
-    from a fresh pass, drop last), while labeled batches continue an endless stream of reshuffled passes (position
-    ``e * steps * batch_size``). The ratio so sets the unlabeled images per step and never the
-    schedule: steps, LR schedule and burn-in are the same at any ratio, as in the iteration-based
-    SSOD codebases (Soft Teacher's 1:4 sampling does not shorten its schedule either). Without
-    unlabeled data (supervised) an epoch walks the labeled set once. ``steps_per_epoch``
-    overrides the length; the driving set then becomes an endless stream too. Only one
-    ``epoch()`` iterator may be live at a time (workers are persistent).
+    (``N_u // batch_size``) and walks that set r times at ``unlabeled_ratio`` r (each epoch from a
+    fresh pass, drop last), while labeled batches continue an endless stream of reshuffled passes
+    (position ``e * steps * batch_size``). So the ratio sets the unlabeled images per step and
+    never the schedule: steps, LR schedule and burn-in are the same at any ratio, as in the
+    iteration-based SSOD codebases (Soft Teacher's 1:4 sampling does not shorten its schedule
+    either). Without unlabeled data (supervised) an epoch walks the labeled set once.
+    ``steps_per_epoch`` overrides the length; the driving set then becomes an endless stream too.
+    Only one ``epoch()`` iterator may be live at a time (workers are persistent).
     """
 
     def __init__(
