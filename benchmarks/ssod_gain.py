@@ -322,7 +322,7 @@ def main(rows: dict = ROWS, cost_methods: tuple[str, ...] = ("efficient_teacher"
                     help="demo data draw: other images, objects and label split (a second sample of the data)")
     ap.add_argument("--val-interval", type=int, default=2)
     ap.add_argument("--teacher-precision", default="auto", choices=["auto", "fp32", "bf16"],
-                    help="the trainer's teacher_precision for every row (auto: bf16 on CPUs with AMX)")
+                    help="the trainer's teacher_precision for every row (auto: bf16 on CPUs with AMX or AVX512-BF16)")
     ap.add_argument("--rows", default=",".join(rows))
     ap.add_argument("--n-train", type=int, default=2000)
     ap.add_argument("--out", default="runs/bench-ssod")

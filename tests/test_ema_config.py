@@ -113,6 +113,17 @@ def test_teacher_dtype_resolution(monkeypatch):
         assert ema.teacher_dtype("auto", torch.device("cuda"), yolo) is None  # CUDA: the trainer's amp decides
 
 
+def test_hardware_bf16_is_amx_or_avx512_bf16(monkeypatch):
+    from ssod.training.engine import ema
+
+    for amx, avx512_bf16 in ((False, False), (True, False), (False, True), (True, True)):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False)
+        assert ema.cpu_has_bf16_matmul() is (amx or avx512_bf16)
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")  # an older torch without the probe
+    assert ema.cpu_has_bf16_matmul() is True  # AMX still answers
+
+
 def test_bf16_teacher_forward_is_float32_and_close_and_validation_stays_fp32():
     from ssod.training.pseudo import eval_mode
 
