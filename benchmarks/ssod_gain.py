@@ -14,17 +14,18 @@ so the supervised row saves its epoch-``burn_in`` checkpoint and every SSOD row 
 (``burn_in_from``; tests/test_trainer.py checks a forked run equals a full one bit for bit).
 The SSOD rows' minutes therefore count only their post-burn-in epochs; the table says so.
 Defaults: full-width yolov8n, 160 px, 20 epochs x 125 steps, burn-in 8. At 10 epochs (the budget
-of benchmarks/supervised_demo.py, about an hour for all rows) supervised training on the 200
-labeled images is still improving and every SSOD row loses to it (docs/benchmarks.md Runs 2-6);
-at 20 the SSOD rows gain (Runs 6-17). Neither budget converges supervised training: at 20 x 184
-steps every row rises by 2.5-6.4 points and efficient_teacher's share of the gap falls from ~40%
-to 36% (Run 17), so compare rows within one budget, never across. The price: 20-35
-minutes per supervised row and 25-45 per SSOD row (two hosts) with one thread per process, two
-processes at a time on 2 cores - 1.5 to 2 hours for the six rows, more than the hour issue 3 asked for.
-``--jobs 2`` runs the rows that way by itself (supervised and oracle first, each SSOD row as soon
-as a slot is free and the supervised row has written ``epoch8.pt``); by hand, run the supervised
-row first and give other processes ``--burn-in-from <its run>/weights/epoch8.pt``. ``--epochs 10``
-gives the one-hour table. One run per row moves by points with the training seed (``--seed``) and
+of benchmarks/supervised_demo.py) supervised training on the 200 labeled images is still improving
+and every SSOD row loses to it (docs/benchmarks.md Runs 2-6); at 20 the SSOD rows gain (Runs 6-18).
+Neither budget converges supervised training: at 20 x 184 steps every row rises by 2.5-6.4 points
+and efficient_teacher's share of the gap falls from ~40% to 36% (Run 17), so compare rows within
+one budget, never across. The price, with ``--jobs 2`` (one thread per process, two processes at
+a time on 2 cores): 63 minutes for the six rows and the step cost, timed as one run on an AMD EPYC
+with AVX512-BF16 (Run 18: 17 min per supervised row, 22-24 per SSOD row after the shared burn-in);
+CPUs without hardware bf16 run the teacher in float32 and take longer (earlier hosts: 20-35 and 25-45
+minutes). ``--jobs 2`` schedules the rows by itself (supervised and oracle first, each SSOD row as
+soon as a slot is free and the supervised row has written ``epoch8.pt``); by hand, run the supervised
+row first and give other processes ``--burn-in-from <its run>/weights/epoch8.pt``. One run per row
+moves by points with the training seed (``--seed``) and
 the data draw (``--data-seed``): run several folders and pool them with
 ``benchmarks/ssod_gain_table.py``.
 """
