@@ -27,9 +27,9 @@ def teacher_dtype(setting: str, device: torch.device, model: Any) -> torch.dtype
 
     Why: the teacher forward is most of what an SSOD step adds over a supervised one, and pseudo
     labels need far less precision than gradients (scores are thresholded, boxes are targets a
-    stride apart in the DFL bins). ``auto`` takes bf16 on a CPU with hardware bf16 (AMX, AVX512-BF16) and keeps
-    float32 elsewhere; on CUDA the teacher already runs inside the trainer's ``amp`` autocast, so
-    ``auto`` adds nothing there. Validation and export never use this dtype.
+    stride apart in the DFL bins). ``auto`` takes bf16 on a CPU with hardware bf16 (AMX or
+    AVX512-BF16) and keeps float32 elsewhere; on CUDA the teacher already runs inside the trainer's
+    ``amp`` autocast, so ``auto`` adds nothing there. Validation and export never use this dtype.
     """
     if setting not in TEACHER_PRECISIONS:
         raise ValueError(f"teacher_precision '{setting}': use one of {', '.join(TEACHER_PRECISIONS)}")
