@@ -49,10 +49,10 @@ from ssod_deploy.label.writers import (
     FORMATS,
     LS_URL_PREFIX,
     SUMMARY_NAME,
+    SafeTree,
     build_outputs,
     class_counts,
     parse_formats,
-    safe_join,
     write_json_atomic,
 )
 
@@ -231,7 +231,7 @@ class _OutputThread(threading.Thread):
         self.det, self.items, self.done, self.writer = det, items, done, writer
         self.tau1, self.tau2 = tau1, tau2
         self.conf_floor = max(0.0, float(tau1.min()) - 1e-6)  # postprocess keeps scores > conf
-        self.vis_dir, self.names, self.progress = vis_dir, names, progress
+        self.vis, self.names, self.progress = SafeTree(vis_dir), names, progress  # previews stay inside OUT/vis
         self.q: queue.Queue[_Batch | None] = queue.Queue(OUTPUT_QUEUE)
         self.error: BaseException | None = None
 
@@ -251,7 +251,7 @@ class _OutputThread(threading.Thread):
             self.progress.advance(new)
             for name, img, sxy, b, s, c, u in previews:  # a preview is never worth a failed run
                 try:
-                    save_vis(safe_join(self.vis_dir, name, ".jpg"), img, sxy, b, s, c, u, self.names)
+                    save_vis(self.vis.join(name, ".jpg"), img, sxy, b, s, c, u, self.names)
                 except Exception as e:  # noqa: BLE001
                     LOG.warning("preview of %s not saved: %s", name, e)
 

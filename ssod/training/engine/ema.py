@@ -18,8 +18,11 @@ def cpu_has_bf16_matmul() -> bool:
     Intel AMX tiles (Sapphire Rapids and later) or AVX512-BF16 (Cooper Lake, AMD Zen 4 and later).
     yolov8n teacher, 16 x 192 px, one thread: 110 -> 44 ms on AMX (docs/benchmarks.md Run 16),
     137 -> 80 ms with AVX512-BF16 on an AMD EPYC (Run 18). Elsewhere bf16 is emulated and no faster."""
-    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(bool(probe()) for probe in (getattr(torch.cpu, name, None) for name in probes) if probe is not None)
+    for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        probe = getattr(torch.cpu, name, None)  # private probes: absent in some torch builds
+        if probe is not None and probe():
+            return True
+    return False
 
 
 def teacher_dtype(setting: str, device: torch.device, model: Any) -> torch.dtype | None:
