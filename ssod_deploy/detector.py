@@ -197,6 +197,18 @@ def load_backend(model: str | Path, backend: str = "auto", threads: int | None =
     return getattr(module, cls_name)(path, threads=threads)
 
 
+def lane_threads(model: str | Path, backend: str = "auto", lanes: int = 2) -> int | None:
+    """Threads per session for ``lanes`` CPU lanes when ``model`` will surely run on ONNX Runtime's
+    CPU provider (no GPU provider in this install); None otherwise (load on every core, and let
+    ``Detector.cpu_lanes`` decide once the session shows where it runs)."""
+    if lanes < 2 or backend_for(model, backend) != "onnxruntime":
+        return None
+    from ssod_deploy.backends.onnxruntime import available_cores, cpu_only_install
+
+    cores = available_cores()
+    return cores // min(lanes, cores) if cores >= 2 and cpu_only_install() else None
+
+
 # ------------------------------------------------------------------------------------ Detector
 
 
@@ -230,6 +242,7 @@ class Detector:
         if m.output_format == "nms" and conf is not None and conf < m.conf:
             log.warning(f"{model}: NMS in the graph already dropped scores <= {m.conf}; conf={conf} cannot restore them")
         self.model_path = Path(model)
+        self.threads = threads
         self._init_args = {"backend": backend, "conf": conf, "iou": iou, "max_det": max_det}
 
     def cpu_lanes(self, lanes: int = 2) -> list["Detector"]:
@@ -240,14 +253,17 @@ class Detector:
         and idles while its caller prepares the next batch; independent sessions with fewer
         threads each keep the cores on useful work (docs/benchmarks.md: on 2 cores 2 x 1-thread
         sessions run the model ~5% faster than 1 x 2 threads, and waste far less of the CPU
-        when image decoding shares the cores)."""
+        when image decoding shares the cores). A detector loaded with ``lane_threads(...)``
+        threads is itself the first lane, so no session is loaded only to be thrown away."""
         from ssod_deploy.backends.onnxruntime import available_cores
 
         cores = available_cores()
         if lanes < 2 or cores < 2 or not getattr(self.backend, "cpu_only", False):
             return [self]
         lanes = min(lanes, cores)
-        return [Detector(self.model_path, threads=cores // lanes, **self._init_args) for _ in range(lanes)]
+        first = [self] if self.threads == cores // lanes else []
+        return first + [Detector(self.model_path, threads=cores // lanes, **self._init_args)
+                        for _ in range(lanes - len(first))]
 
     def __repr__(self) -> str:
         m = self.metadata

@@ -148,8 +148,17 @@ def test_cpu_lanes_give_the_same_outputs_as_one_session(teacher, tmp_path: Path,
         return real(self, canvases)
 
     monkeypatch.setattr(Detector, "infer_each", infer_each)
+    sessions = []
+    real_init = ort_backend.OnnxRuntimeBackend.__init__
+
+    def counted_init(self, *a, **k):
+        sessions.append(k.get("threads"))
+        real_init(self, *a, **k)
+
+    monkeypatch.setattr(ort_backend.OnnxRuntimeBackend, "__init__", counted_init)
     label_images(images, model, tmp_path / "lanes", batch=2)
     assert len(set(used)) == 2  # both lanes ran batches
+    assert sessions == [1, 1]  # the model is loaded as the first lane: no full-core session thrown away
     used.clear()
     label_images(images, model, tmp_path / "one", batch=2, lanes=1)  # --lanes 1: one session
     assert len(set(used)) == 1

@@ -35,6 +35,13 @@ def choose_providers(available: list[str], preferred: tuple[str, ...] = PREFERRE
     return [*chosen, "CPUExecutionProvider"]
 
 
+def cpu_only_install() -> bool:
+    """True when this onnxruntime build has no GPU provider to try (sessions run on the CPU)."""
+    import onnxruntime as ort
+
+    return choose_providers(ort.get_available_providers()) == ["CPUExecutionProvider"]
+
+
 def _with_options(provider: str, model_path: Path) -> str | tuple[str, dict]:
     """TensorRT EP: cache built engines next to the model (a rebuild takes minutes on Jetson).
 

@@ -483,10 +483,12 @@ def _run_chunks(
             raise errors[0]
 
 
-def _load_detector(model: str | os.PathLike, backend: str, iou: float | None, imgsz: int | None) -> Any:
-    from ssod_deploy.detector import Detector  # lazy: onnxruntime etc. load only when labeling
+def _load_detector(model: str | os.PathLike, backend: str, iou: float | None, imgsz: int | None,
+                   lanes: int = 1) -> Any:
+    """The model's detector, loaded as the first of ``lanes`` CPU lanes where it surely runs on the CPU."""
+    from ssod_deploy.detector import Detector, lane_threads  # lazy: onnxruntime etc. load only when labeling
 
-    det = Detector(model, backend=backend, iou=iou)
+    det = Detector(model, backend=backend, iou=iou, threads=lane_threads(model, backend, lanes))
     if imgsz is not None and int(imgsz) != int(det.metadata.imgsz):
         raise ValueError(
             f"{model}: exported for imgsz {det.metadata.imgsz}, not {imgsz}; "
@@ -538,7 +540,8 @@ def label_images(
     if not Path(source).exists():
         raise FileNotFoundError(f"{source}: no such file or folder")
 
-    det = detector if detector is not None else _load_detector(model, backend, iou, imgsz)
+    n_lanes = int(lanes) or 2
+    det = detector if detector is not None else _load_detector(model, backend, iou, imgsz, n_lanes)
     meta = det.metadata
     names = [str(n) for n in meta.names]
     tau1, tau2, thr_source = resolve_thresholds(meta, conf)
@@ -602,9 +605,9 @@ def label_images(
     t0 = time.perf_counter()
     bar = _Progress(n_todo, progress)
     # a caller's own detector runs as given; one we loaded may split the CPU into lanes
-    split = detector is None and hasattr(det, "cpu_lanes") and int(lanes) != 1
-    dets = det.cpu_lanes(int(lanes) or 2) if split else [det]
-    det = dets[0]  # the full-core session is released
+    split = detector is None and hasattr(det, "cpu_lanes") and n_lanes != 1
+    dets = det.cpu_lanes(n_lanes) if split else [det]
+    det = dets[0]  # a full-core session (a GPU install that fell back to the CPU) is released
     output = _OutputThread(det, items, done, jwriter, tau1, tau2, vis_dir, names, bar)
     output.start()
     try:

@@ -86,8 +86,13 @@ class SafeTree:
         self._real_root: str | None = None
         self._checked: set[Path] = set()
 
-    def join(self, rel: str, suffix: str | None = None) -> Path:
-        """``root/rel`` with its suffix replaced by ``suffix`` (ValueError if it would leave root)."""
+    def join(self, rel: str, suffix: str | None = None, exclusive: bool = False) -> Path:
+        """``root/rel`` with its suffix replaced by ``suffix`` (ValueError if it would leave root).
+
+        ``exclusive``: the caller creates the file with O_CREAT | O_EXCL, which refuses any
+        existing path, a symlink included (open(2)), so the per-file lstat is skipped: in a
+        folder where a pool is creating files, that lstat waits on the folder's lock (0.1-0.45
+        ms per file, most of the YOLO output's cost; docs/benchmarks.md Run E)."""
         p = safe_relpath(rel)
         if suffix is not None:
             p = p.with_suffix(suffix) if p.suffix else p.with_name(p.name + suffix)
@@ -102,7 +107,7 @@ class SafeTree:
                 raise ValueError(f"{rel!r}: output path would leave {self.root}")
             parent.mkdir(parents=True, exist_ok=True)
             self._checked.add(parent)
-        if target.is_symlink():
+        if not exclusive and target.is_symlink():
             raise ValueError(f"{rel!r}: refusing to write through a symlink at {target}")
         return target
 
@@ -456,7 +461,7 @@ class _YoloFiles:
 
     def add(self, rel: str, h: int, w: int, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> str | None:
         """Queue ``labels/<rel>.txt``; returns a reason instead when another image took that name."""
-        target = self.tree.join(rel, ".txt")
+        target = self.tree.join(rel, ".txt", exclusive=True)  # _create_exclusive: O_EXCL
         if target in self.taken:
             return self._clash(target)
         self.taken.add(target)
