@@ -2,7 +2,7 @@
 
     python benchmarks/label_throughput.py [--n-images 1000] [--imgsz 320,640] [--batch 8]
         [--weights runs/x/weights/last.pt] [--precision fp32,int8] [--rss-images 1000,10000]
-        [--out runs/bench-label]
+        [--repeats 3] [--out runs/bench-label]
 
 Images: the real photos that ship inside scikit-image and scikit-learn (the demo's backgrounds),
 randomly scaled, cropped and flipped into ``--n-images`` distinct 640x480 JPEGs.
@@ -329,6 +329,7 @@ def main() -> None:
     ap.add_argument("--rss-images", default="1000,10000", help="image counts for the peak-RSS comparison ('' to skip)")
     ap.add_argument("--rss-imgsz", type=int, default=320)
     ap.add_argument("--precision", default="fp32,int8", help="ONNX exports to label with (fp32, int8)")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds of every row (medians reported)")
     ap.add_argument("--skip", default="", help="comma list of rows to skip: label,ort,ultralytics,torch")
     ap.add_argument("--out", default="runs/bench-label")
     ap.add_argument("--markdown", default=None, help="also write the table to this file")
@@ -343,26 +344,31 @@ def main() -> None:
     results: dict[str, Any] = {"n_images": args.n_images, "batch": args.batch, "weights": str(weights), "rows": {}}
 
     precisions = [p for p in args.precision.split(",") if p]
+    threads2 = len(os.sched_getaffinity(0))
     for imgsz in [int(s) for s in args.imgsz.split(",") if s]:
-        rows: dict[str, Any] = {}
+        specs: list[tuple[str, str, dict[str, Any]]] = []
         for prec in precisions:
             onnx_path = export_onnx(weights, imgsz, work, prec, calib=photos)
             sfx = "" if prec == "fp32" else f"_{prec}"
             if "label" not in skip:
-                rows["label" + sfx] = spawn("label", src=str(photos), model=str(onnx_path),
-                                            out=str(work / f"out_{imgsz}{sfx}"), batch=args.batch)
+                specs.append(("label" + sfx, "label", dict(src=str(photos), model=str(onnx_path),
+                                                           out=str(work / f"out_{imgsz}{sfx}"), batch=args.batch)))
             if "ort" not in skip:
-                rows["ort" + sfx] = spawn("ort", src=str(photos), model=str(onnx_path), n=args.n_images,
-                                          batch=args.batch)
+                specs.append(("ort" + sfx, "ort", dict(src=str(photos), model=str(onnx_path), n=args.n_images,
+                                                       batch=args.batch)))
         if "ultralytics" not in skip:
-            rows["ultralytics_default"] = spawn("ultralytics", src=str(photos), pt=str(pt), imgsz=imgsz,
-                                                batch=args.batch, threads=None)
-            rows["ultralytics_2threads"] = spawn("ultralytics", src=str(photos), pt=str(pt), imgsz=imgsz,
-                                                 batch=args.batch, threads=len(os.sched_getaffinity(0)))
+            for key, threads in (("ultralytics_default", None), ("ultralytics_2threads", threads2)):
+                specs.append((key, "ultralytics", dict(src=str(photos), pt=str(pt), imgsz=imgsz, batch=args.batch,
+                                                       threads=threads)))
         if "torch" not in skip:
-            rows["torch"] = spawn("torch", src=str(photos), weights=str(weights), imgsz=imgsz, batch=args.batch)
-        results["rows"][imgsz] = rows
-        print(f"imgsz {imgsz}: " + ", ".join(f"{k} {v['images_per_s']:.1f} img/s" for k, v in rows.items()), flush=True)
+            specs.append(("torch", "torch", dict(src=str(photos), weights=str(weights), imgsz=imgsz, batch=args.batch)))
+        runs: dict[str, list[dict[str, Any]]] = {key: [] for key, _, _ in specs}
+        for r in range(args.repeats):  # rounds: every row once per round, so drift hits all rows alike
+            for key, kind, kw in specs:
+                runs[key].append(spawn(kind, **kw))
+            print(f"imgsz {imgsz}, round {r + 1}/{args.repeats}: "
+                  + ", ".join(f"{k} {v[-1]['images_per_s']:.1f}" for k, v in runs.items()), flush=True)
+        results["rows"][imgsz] = {key: median_run(v) for key, v in runs.items()}
 
     rss = {}
     for n in [int(s) for s in args.rss_images.split(",") if s]:
@@ -378,6 +384,19 @@ def main() -> None:
     print("\n" + table)
     if args.markdown:
         Path(args.markdown).write_text(table)
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median images/s (the lower middle one for an even count), with every
+    round's images/s attached (``rounds``) so the ratios can be taken round by round."""
+    ranked = sorted(runs, key=lambda r: r["images_per_s"])
+    return {**ranked[(len(ranked) - 1) // 2], "rounds": [r["images_per_s"] for r in runs]}
+
+
+def round_ratio(a: dict[str, Any], b: dict[str, Any]) -> float:
+    """Median over rounds of a/b: rows of one round ran minutes apart, so a slow spell of the
+    machine (a shared VM's speed drifts by 20% here) moves both sides of each ratio."""
+    return float(np.median(np.asarray(a["rounds"]) / np.asarray(b["rounds"])))
 
 
 def markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
@@ -397,19 +416,24 @@ def markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
 
         for sfx in sorted({k[len("label"):] for k in r if k.startswith("label")}):
             label, ort = "label" + sfx, "ort" + sfx
-            e2e = r[label]["images_per_s"]
-            ratio_m = f"{e2e / r[ort]['images_per_s']:.0%}" if ort in r else "-"
+            ratio_m = f"{round_ratio(r[label], r[ort]):.0%}" if ort in r else "-"
             ort_cell = f(ort)
             if ort in r and r[ort].get("lanes_images_per_s"):
                 ort_cell += f" ({r[ort]['one_session_images_per_s']:.1f} / {r[ort]['lanes_images_per_s']:.1f})"
-            ratio_u = f"{e2e / r['ultralytics_2threads']['images_per_s']:.2f}x" if "ultralytics_2threads" in r else "-"
+            ratio_u = f"{round_ratio(r[label], r['ultralytics_2threads']):.2f}x" if "ultralytics_2threads" in r else "-"
             name = f"{imgsz} {(sfx.strip('_') or 'fp32').upper()}"
             lines.append(
                 f"| {name} | {f(label)} | {f(label, 'engine_images_per_s')} | {ort_cell} | {ratio_m} | "
                 f"{f('ultralytics_default')} / {f('ultralytics_2threads')} | {ratio_u} | {f('torch')} |"
             )
-    lines += ["", "Targets: end to end >= 90% of ORT model only; >= 1.5x ultralytics predict (2 threads); "
-              "peak RSS 1,000 vs 10,000 images within 10%."]
+    rounds = max((len(v.get("rounds", [])) for r in results["rows"].values() for v in r.values()), default=1)
+    lines += ["", f"images/s: the median of {rounds} rounds (every row once per round); ratios: the median of the "
+              "rounds' own ratios.",
+              "Targets: end to end >= 90% of ORT model only; >= 1.5x ultralytics predict (2 threads); "
+              "peak RSS 1,000 vs 10,000 images within 10%.", "", "Every round (images/s):", ""]
+    for imgsz, r in results["rows"].items():
+        lines += [f"- {imgsz} {k}: " + ", ".join(f"{x:.1f}" for x in v.get("rounds", [v["images_per_s"]]))
+                  for k, v in r.items()]
     if results.get("rss"):
         items = list(results["rss"].items())
         lines += ["", f"Peak RSS of `ssod label` (imgsz {args.rss_imgsz}):", "", "| images | peak RSS (MB) | images/s |", "|---|---|---|"]
