@@ -91,8 +91,8 @@ class SafeTree:
 
         ``exclusive``: the caller creates the file with O_CREAT | O_EXCL, which refuses any
         existing path, a symlink included (open(2)), so the per-file lstat is skipped: in a
-        folder where a pool is creating files, that lstat waits on the folder's lock (0.1-0.45
-        ms per file, most of the YOLO output's cost; docs/benchmarks.md Run E)."""
+        folder a pool is creating files in, it queued behind them on the folder's lock (0.1-0.45
+        ms per file where file creation itself was slow; docs/benchmarks.md Run E)."""
         p = safe_relpath(rel)
         if suffix is not None:
             p = p.with_suffix(suffix) if p.suffix else p.with_name(p.name + suffix)
