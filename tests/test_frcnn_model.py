@@ -268,7 +268,7 @@ def test_trainer_runs(tiny_cfg, method: str) -> None:
     assert float(row["train/sup"]) > 0
     if method == "mean_teacher":
         assert float(row["train/unsup"]) > 0
-        assert float(row["train/pl_boxes_per_img"]) > 0
+        assert float(row["method/pl_boxes_per_img"]) > 0
 
 
 def test_gather_level_merge_equals_torchvision_scatter_merge() -> None:

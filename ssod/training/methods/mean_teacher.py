@@ -78,7 +78,6 @@ class MeanTeacher(MeteredMethod):
         self.meter.add_count("pl_boxes", len(strong["scores"]))
         unsup, uparts = student.loss(pseudo_batch(strong, unlabeled))
         self.step_log.update({f"unsup_{k}": float(v) for k, v in uparts.items()})
-        self.step_log["pl_boxes_per_img"] = len(strong["scores"]) / max(unlabeled["weak"].shape[0], 1)
         lam = self.unsup_weight()
         self.step_log["lambda_u"] = lam
         if student.loss_sums_over_images:  # lambda weighs the parts per image, at any labeled:unlabeled ratio

@@ -365,15 +365,12 @@ class EfficientTeacher(Method):
         self.step_log = {
             "lambda_u": lam,
             **{f"sup_{k}": float(sup[k].detach()) for k in ("box", "cls", "dfl")},
-            "pl_reliable_per_img": n_rel / max(bu, 1),
-            "pl_uncertain_per_img": n_unc / max(bu, 1),
-        }
+        }  # pseudo-label counts and da_acc are per-epoch method/ values (the meter), not repeated here
         if feats is not None and self.disc is not None:
             domain = torch.cat((torch.zeros(bl, device=img.device), torch.ones(bu, device=img.device)))
             da, acc = self.disc.loss(feats, domain, c["grl_coeff"])
             out["da"] = c["da_weight"] * da * (bl + bu)  # summed over images like the detection losses
             self.da_acc.append(float(acc))
-            self.step_log["da_acc"] = float(acc)
         return out
 
     # --------------------------------------------------------------------------- reporting

@@ -158,13 +158,10 @@ def two_stage_losses(
     m.step_log = {
         **{f"sup_{k}": float(v.detach()) for k, v in sup.items()},
         **{f"unsup_{k}": float(v.detach()) for k, v in uns.items()},
-        "pl_reliable_per_img": n_rel / max(bu, 1),
-        "pl_uncertain_per_img": n_unc / max(bu, 1),
-    }
+    }  # pseudo-label counts and da_acc: per-epoch method/ values (the meter)
     if c["domain_adaptation"] and m.disc is not None:
         domain = torch.cat((torch.zeros(bl, device=img.device), torch.ones(bu, device=img.device)))
         da, acc = m.disc.loss(list(feats.values()), domain, c["grl_coeff"])
         out["da"] = c["da_weight"] * da
         m.da_acc.append(float(acc))
-        m.step_log["da_acc"] = float(acc)
     return out

@@ -113,8 +113,6 @@ class DTG(SeededStepMethod):
             "unsup_rcnn_box": lam * rcnn["box"],
             "unsup_rm": lam * beta * (rcnn["rm"] + (rpn["rm"] if c["rm_rpn"] else 0.0)),
         }
-        self.step_log["clusters_per_img"] = rcnn["n_clusters"] / max(bu, 1)
-        self.step_log["rpn_clusters_per_img"] = rpn["n_clusters"] / max(bu, 1)
         self.meter.add_count("clusters", rcnn["n_clusters"])
         self.meter.add_count("rcnn_fg_rows", rcnn["n_fg"])
         self.meter.add_count("rpn_clusters", rpn["n_clusters"])

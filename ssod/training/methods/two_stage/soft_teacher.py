@@ -172,8 +172,6 @@ class SoftTeacher(SeededStepMethod):
             "unsup_rcnn_cls": lam * rcnn_cls,
             "unsup_rcnn_box": lam * rcnn_reg,
         }
-        self.step_log["pl_cls_per_img"] = n_cls / max(bu, 1)
-        self.step_log["pl_reg_per_img"] = n_reg / max(bu, 1)
         self.step_log["bgt_mean_r"] = float(r[~is_fg].mean()) if bool((~is_fg).any()) else float("nan")
         return out
 
