@@ -35,6 +35,9 @@ def choose_providers(available: list[str], preferred: tuple[str, ...] = PREFERRE
     return [*chosen, "CPUExecutionProvider"]
 
 
+_LOGGED: set[tuple[str, int, str]] = set()
+
+
 def cpu_only_install() -> bool:
     """True when this onnxruntime build has no GPU provider to try (sessions run on the CPU)."""
     import onnxruntime as ort
@@ -85,10 +88,13 @@ class OnnxRuntimeBackend:
         batch_dim = inp.shape[0] if inp.shape else None
         self.max_batch: int | None = batch_dim if isinstance(batch_dim, int) and batch_dim > 0 else None
         self.output_names = [o.name for o in self.session.get_outputs()]
-        log.info(
-            f"{self.path.name}: onnxruntime {ort.__version__} on {', '.join(used)} "
-            f"({opts.intra_op_num_threads} threads, {self.metadata.precision}, output {self.metadata.output_format})"
-        )
+        threads_s = f"{opts.intra_op_num_threads} thread{'s' if opts.intra_op_num_threads != 1 else ''}"
+        line = (f"{self.path.name}: onnxruntime {ort.__version__} on {', '.join(used)} "
+                f"({threads_s}, {self.metadata.precision}, output {self.metadata.output_format})")
+        key = (str(self.path.resolve()), self.path.stat().st_mtime_ns, line)
+        if key not in _LOGGED:  # CPU lanes load the same file several times: say it once
+            _LOGGED.add(key)
+            log.info(line)
 
     def infer(self, batch: np.ndarray) -> list[np.ndarray]:
         x = np.ascontiguousarray(batch, dtype=self.input_dtype)

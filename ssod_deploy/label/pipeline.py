@@ -608,6 +608,8 @@ def label_images(
     split = detector is None and hasattr(det, "cpu_lanes") and n_lanes != 1
     dets = det.cpu_lanes(n_lanes) if split else [det]
     det = dets[0]  # a full-core session (a GPU install that fell back to the CPU) is released
+    if len(dets) > 1:
+        LOG.info("%d CPU inference lanes, one session each (--lanes 1: one session on every core)", len(dets))
     output = _OutputThread(det, items, done, jwriter, tau1, tau2, vis_dir, names, bar)
     output.start()
     try:
