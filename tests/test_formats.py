@@ -303,3 +303,29 @@ def test_unreadable_val_image_is_left_out(yolo: Path, caplog):
         spec = load_dataset(_yaml(yolo, "train: images/train\nval: images/val\nnames: [a, b]\n"))
     assert [Path(s.path).name for s in spec.val] == ["v1.jpg"]
     assert len(spec.val_coco["images"]) == 1 and "v2.jpg" in caplog.text
+
+
+def test_train_entry_with_its_own_labels_folder(yolo: Path):
+    """The next round of training: ``ssod label``'s OUT/labels mirrors the pseudo-labeled folder,
+    so {images: raw, labels: round1/labels} adds those images with those labels to a split;
+    an image without a label file there is background. Misuse is a one-line error."""
+    _txt(yolo / "round1" / "labels" / "u1.txt", "1 0.5 0.5 0.5 0.5\n")  # deep/u2.jpg: no file
+    y = _yaml(yolo, "train: [images/train, {images: raw, labels: round1/labels}]\nval: images/val\nnames: [a, b]\n")
+    spec = load_dataset(y)
+    got = _by_name(spec.train)
+    assert set(got) == {"a.jpg", "b.png", "c.jpg", "u1.jpg", "u2.jpg"}
+    boxes, cls = _expected("1 0.5 0.5 0.5 0.5\n")
+    np.testing.assert_allclose(got["u1.jpg"].boxes, boxes, atol=1e-6)
+    assert got["u1.jpg"].cls.tolist() == cls.tolist() and len(got["u2.jpg"].cls) == 0
+    ref_boxes, _ = _expected(TRAIN["a.jpg"])
+    np.testing.assert_allclose(got["a.jpg"].boxes, ref_boxes, atol=1e-6)  # plain entries: ultralytics' place
+    assert len(load_dataset(_yaml(yolo, "train: {images: raw, labels: round1/labels}\nval: images/val\n"
+                                         "names: [a, b]\n", "single.yaml")).train) == 2
+    for text, match in [
+        ("train: [images/train, {images: raw, label: round1/labels}]", "got keys"),
+        ("train: [images/train, {images: raw, annotations: x.json}]", "only entry"),
+        ("train: [images/train, {images: raw, labels: nowhere}]", "path not found"),
+        ("train: images/train\nunlabeled: [{images: raw, labels: round1/labels}]", "no labels folder"),
+    ]:
+        with pytest.raises(DatasetError, match=match):
+            load_dataset(_yaml(yolo, text + "\nval: images/val\nnames: [a, b]\n", "bad.yaml"))

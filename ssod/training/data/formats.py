@@ -8,7 +8,9 @@ YAML keys (ultralytics ``data.yaml`` plus two extensions)::
 
     path: ../datasets/x      # root; relative to the YAML's folder; default: the YAML's folder
     train: images/train      # folder, list of folders, .txt list of files, or a COCO split:
-    val: images/val          #   {images: DIR, annotations: FILE.json}
+    val: images/val          #   {images: DIR, annotations: FILE.json}; a list entry may also be
+                             #   {images: DIR, labels: DIR}: YOLO labels in their own folder,
+                             #   same relative names (what ``ssod label`` writes to OUT/labels)
     names: [cat, dog]        # list or {id: name}; optional for COCO splits (taken from the JSON)
     nc: 2                    # optional; must agree with names
     unlabeled: images/raw    # extension: images without labels (folder, list, .txt, COCO split)
@@ -399,15 +401,26 @@ class _Ctx:
             raise self.err(key, f"path not found: {p}")
         return Path(os.path.abspath(p))
 
-    def entries(self, key: str, value: Any) -> list[Path]:
+    def entries(self, key: str, value: Any) -> list[tuple[Path, Path | None]]:
+        """(images: folder, .txt list or file; its labels folder or None = ultralytics' place) per entry."""
         values = value if isinstance(value, (list, tuple)) else [value]
         if not values:
             raise self.err(key, "empty list")
-        return [self.resolve(key, v) for v in values]
+        out: list[tuple[Path, Path | None]] = []
+        for v in values:
+            if not isinstance(v, dict):
+                out.append((self.resolve(key, v), None))
+            elif "annotations" in v:
+                raise self.err(key, "a COCO split {images, annotations} must be the split's only entry, not in a list")
+            elif sorted(v) != ["images", "labels"]:
+                raise self.err(key, f"an entry with its own labels is {{images: DIR, labels: DIR}}, got keys {sorted(v)}")
+            else:
+                out.append((self.resolve(f"{key}.images", v["images"]), self.resolve(f"{key}.labels", v["labels"])))
+        return out
 
 
 def _is_coco_split(value: Any) -> bool:
-    return isinstance(value, dict)
+    return isinstance(value, dict) and "labels" not in value  # {images, labels} is a YOLO entry
 
 
 def _coco_paths(ctx: _Ctx, key: str, value: dict) -> tuple[Path, Path]:
@@ -417,10 +430,12 @@ def _coco_paths(ctx: _Ctx, key: str, value: dict) -> tuple[Path, Path]:
     return ctx.resolve(f"{key}.images", value["images"]), ctx.resolve(f"{key}.annotations", value["annotations"])
 
 
-def _images_with_rel(ctx: _Ctx, key: str, value: Any) -> tuple[list[str], list[str]]:
-    """Images of a YOLO-style split and their names relative to the folder/list they came from."""
-    paths, rels = [], []
-    for entry in ctx.entries(key, value):
+def _images_with_rel(ctx: _Ctx, key: str, value: Any) -> tuple[list[str], list[str], list[str]]:
+    """Images of a YOLO-style split, their names relative to the folder/list they came from, and
+    their label files (ultralytics' place, or ``labels/<relative name>.txt`` for an entry with
+    its own labels folder)."""
+    paths, rels, label_paths = [], [], []
+    for entry, labels in ctx.entries(key, value):
         try:
             found = discover_images(entry)
         except (ValueError, FileNotFoundError) as e:
@@ -429,11 +444,13 @@ def _images_with_rel(ctx: _Ctx, key: str, value: Any) -> tuple[list[str], list[s
         for p in found:
             ap = os.path.abspath(p)
             rel = os.path.relpath(ap, base)
+            rel = Path(rel).name if rel.startswith("..") else rel
             paths.append(ap)
-            rels.append(Path(rel).name if rel.startswith("..") else rel)
+            rels.append(rel)
+            label_paths.append(img2label_path(ap) if labels is None else str((labels / rel).with_suffix(".txt")))
     if not paths:
         raise ctx.err(key, f"no images found in {value}")
-    return paths, rels
+    return paths, rels, label_paths
 
 
 def _yolo_samples(ctx: _Ctx, paths: list[str], nc: int, label_paths: list[str] | None = None) -> list[Sample]:
@@ -516,8 +533,8 @@ def load_dataset(yaml_path: str | os.PathLike, check: str = "clip") -> DatasetSp
     def split_samples(key: str) -> list[Sample]:
         if key in splits:
             return splits[key].samples
-        paths, _ = _images_with_rel(ctx, key, data[key])
-        return _yolo_samples(ctx, paths, nc)
+        paths, _, label_paths = _images_with_rel(ctx, key, data[key])
+        return _yolo_samples(ctx, paths, nc, label_paths)
 
     train = split_samples("train")
     val = split_samples("val")
@@ -537,7 +554,9 @@ def load_dataset(yaml_path: str | os.PathLike, check: str = "clip") -> DatasetSp
             hidden = splits["unlabeled"].samples
             unlabeled = [s.path for s in hidden]
         else:
-            unlabeled, rels = _images_with_rel(ctx, "unlabeled", data["unlabeled"])
+            if any(labels is not None for _, labels in ctx.entries("unlabeled", data["unlabeled"])):
+                raise ctx.err("unlabeled", "unlabeled images take no labels folder (hidden_labels holds diagnostic ones)")
+            unlabeled, rels, _ = _images_with_rel(ctx, "unlabeled", data["unlabeled"])
         if data.get("hidden_labels") not in (None, ""):
             if "unlabeled" in splits:
                 raise ctx.err("hidden_labels", "not used with a COCO 'unlabeled' split (its annotations are the hidden labels)")
