@@ -194,6 +194,9 @@ def main() -> None:
     ap.add_argument("--n-train", type=int, default=80)
     ap.add_argument("--n-val", type=int, default=120)
     ap.add_argument("--n-unlabeled", type=int, default=800)
+    ap.add_argument("--rows", default="supervised,mean_teacher,efficient_teacher,oracle",
+                    help="rows to train (finished ones are read back); two processes may split them "
+                         "(SSOD_THREADS=1 each): only the one with efficient_teacher labels")
     ap.add_argument("--out", default="runs/other-data")
     args = ap.parse_args()
     out = Path(args.out).resolve()
@@ -212,15 +215,31 @@ def main() -> None:
         "efficient_teacher": (data, ["--method", "efficient_teacher", "--burn-in-epochs", str(args.burn_in)]),
         "oracle": (oracle, ["--method", "supervised"]),
     }
+    wanted = [r for r in args.rows.split(",") if r]
+    unknown = sorted(set(wanted) - set(rows))
+    if unknown:
+        raise SystemExit(f"--rows: unknown {', '.join(unknown)} (choose from {', '.join(rows)})")
     metrics, minutes = {}, {}
     for name, (yaml_path, extra) in rows.items():
         t0 = time.perf_counter()
-        if finished_rows(out / "runs" / name, args.epochs) is None:
+        if name in wanted and finished_rows(out / "runs" / name, args.epochs) is None:
             ssod("train", "--data", str(yaml_path), *common, *extra, "--name", name)
             minutes[name] = f"{(time.perf_counter() - t0) / 60:.1f}"
-        last = finished_rows(out / "runs" / name, args.epochs)[-1]
-        metrics[name] = (float(last["val/mAP50-95"]), float(last["val/mAP50"]))
-        minutes.setdefault(name, "(earlier run)")
+        done = finished_rows(out / "runs" / name, args.epochs)
+        if done:
+            metrics[name] = (float(done[-1]["val/mAP50-95"]), float(done[-1]["val/mAP50"]))
+            minutes.setdefault(name, "(earlier run)")
+    print(f"\nother data: {args.n_train} labeled + {args.n_unlabeled} unlabeled images (+5 bad), {args.imgsz} px, "
+          f"{args.epochs} epochs x {steps} steps of batch {args.batch} (SSOD burn-in {args.burn_in}), yolov8n from scratch\n")
+    print("| row | val mAP50-95 | val mAP50 | gap closed (mAP50-95; mAP50) | minutes |\n|---|---|---|---|---|")
+    for name, (m0, m1) in metrics.items():
+        gap = ""
+        if name in ("mean_teacher", "efficient_teacher") and {"supervised", "oracle"} <= set(metrics):
+            (s0, s1), (o0, o1) = metrics["supervised"], metrics["oracle"]
+            gap = "; ".join(f"{(m - a) / (b - a):.0%}" if b > a else "-" for m, a, b in ((m0, s0, o0), (m1, s1, o1)))
+        print(f"| {name} | {m0:.4f} | {m1:.4f} | {gap} | {minutes[name]} |", flush=True)
+    if "efficient_teacher" not in wanted or "efficient_teacher" not in metrics:
+        return
     best = out / "runs" / "efficient_teacher" / "weights" / "best.pt"
     label_out = out / "label"
     onnx = best.with_suffix(".onnx")
@@ -233,14 +252,6 @@ def main() -> None:
     label_s = time.perf_counter() - t0
     summary = json.loads((label_out / "summary.json").read_text())
     pl = score_pseudo_labels(label_out / "coco.json", data.parent / "annotations" / "unlabeled_hidden.json")
-    print(f"\nother data: {args.n_train} labeled + {args.n_unlabeled} unlabeled images (+5 bad), {args.imgsz} px, "
-          f"{args.epochs} epochs x {steps} steps of batch {args.batch} (SSOD burn-in {args.burn_in}), yolov8n from scratch\n")
-    print("| row | val mAP50-95 | val mAP50 | gap closed (mAP50-95; mAP50) | minutes |\n|---|---|---|---|---|")
-    (s0, s1), (o0, o1) = metrics["supervised"], metrics["oracle"]
-    for name, (m0, m1) in metrics.items():
-        gap = "; ".join(f"{(m - a) / (b - a):.0%}" if b > a else "-" for m, a, b in ((m0, s0, o0), (m1, s1, o1)))
-        gap = gap if name in ("mean_teacher", "efficient_teacher") else ""
-        print(f"| {name} | {m0:.4f} | {m1:.4f} | {gap} | {minutes[name]} |")
     print(f"\nssod label on the unlabeled folder: {summary['images']['labeled']} images labeled, "
           f"{len(summary['skipped'])} skipped ({', '.join(sorted(Path(s['file']).name for s in summary['skipped']))}), "
           f"{label_s:.1f} s including start-up")
