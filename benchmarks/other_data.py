@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import io
 import json
 import shutil
 import subprocess
@@ -163,8 +162,7 @@ def finished_rows(run: Path, epochs: int) -> list[dict[str, str]] | None:
 
 def score_pseudo_labels(coco_out: Path, hidden: Path) -> dict[str, float]:
     """COCO mAP of ``ssod label``'s coco.json against the kept-aside boxes (matched by file name)."""
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
+    from ssod_deploy.evaluate import coco_evaluate
 
     gt, pred = json.loads(hidden.read_text()), json.loads(coco_out.read_text())
     gid = {im["file_name"]: im["id"] for im in gt["images"]}
@@ -173,15 +171,8 @@ def score_pseudo_labels(coco_out: Path, hidden: Path) -> dict[str, float]:
     for name, keep in (("all", lambda a: True), ("labels", lambda a: not a["uncertain"])):
         dets = [{"image_id": pid[a["image_id"]], "category_id": a["category_id"], "bbox": a["bbox"], "score": a["score"]}
                 for a in pred["annotations"] if a["image_id"] in pid and keep(a)]
-        with contextlib.redirect_stdout(io.StringIO()):
-            g = COCO()
-            g.dataset = gt
-            g.createIndex()
-            e = COCOeval(g, g.loadRes(dets) if dets else COCO(), "bbox")
-            e.evaluate()
-            e.accumulate()
-            e.summarize()
-        out[f"{name}_mAP50-95"], out[f"{name}_mAP50"], out[f"{name}_boxes"] = e.stats[0], e.stats[1], len(dets)
+        m = coco_evaluate(gt, dets)["metrics"]
+        out[f"{name}_mAP50-95"], out[f"{name}_mAP50"], out[f"{name}_boxes"] = m["mAP50-95"], m["mAP50"], len(dets)
     return out
 
 

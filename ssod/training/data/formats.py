@@ -430,12 +430,14 @@ def _coco_paths(ctx: _Ctx, key: str, value: dict) -> tuple[Path, Path]:
     return ctx.resolve(f"{key}.images", value["images"]), ctx.resolve(f"{key}.annotations", value["annotations"])
 
 
-def _images_with_rel(ctx: _Ctx, key: str, value: Any) -> tuple[list[str], list[str], list[str]]:
+def _images_with_rel(ctx: _Ctx, key: str, value: Any, labeled: bool = True) -> tuple[list[str], list[str], list[str]]:
     """Images of a YOLO-style split, their names relative to the folder/list they came from, and
     their label files (ultralytics' place, or ``labels/<relative name>.txt`` for an entry with
-    its own labels folder)."""
+    its own labels folder; ``labeled=False`` refuses such an entry)."""
     paths, rels, label_paths = [], [], []
     for entry, labels in ctx.entries(key, value):
+        if labels is not None and not labeled:
+            raise ctx.err(key, "unlabeled images take no labels folder (hidden_labels holds diagnostic ones)")
         try:
             found = discover_images(entry)
         except (ValueError, FileNotFoundError) as e:
@@ -554,9 +556,7 @@ def load_dataset(yaml_path: str | os.PathLike, check: str = "clip") -> DatasetSp
             hidden = splits["unlabeled"].samples
             unlabeled = [s.path for s in hidden]
         else:
-            if any(labels is not None for _, labels in ctx.entries("unlabeled", data["unlabeled"])):
-                raise ctx.err("unlabeled", "unlabeled images take no labels folder (hidden_labels holds diagnostic ones)")
-            unlabeled, rels, _ = _images_with_rel(ctx, "unlabeled", data["unlabeled"])
+            unlabeled, rels, _ = _images_with_rel(ctx, "unlabeled", data["unlabeled"], labeled=False)
         if data.get("hidden_labels") not in (None, ""):
             if "unlabeled" in splits:
                 raise ctx.err("hidden_labels", "not used with a COCO 'unlabeled' split (its annotations are the hidden labels)")
