@@ -63,6 +63,9 @@ EXTRA_ROWS = {
     "et_ignore_low_lambda1": ("efficient_teacher", 0.1, {"ignore_low_score": True, "lambda_u": 1.0}),
     "et_lambda1_plain_pla": ("efficient_teacher", 0.1, {"lambda_u": 1.0, "uncertain_box_loc": 1.0}),
     "et_lambda1": ("efficient_teacher", 0.1, {"lambda_u": 1.0}),
+    # the two ablations at lambda 1 (the defaults since Run 19)
+    "et_lambda1_fixed_thresholds": ("efficient_teacher", 0.1, {"lambda_u": 1.0, "adaptive_thresholds": False}),
+    "et_lambda1_no_domain_adapt": ("efficient_teacher", 0.1, {"lambda_u": 1.0, "domain_adaptation": False}),
     "et_rampup": ("efficient_teacher", 0.1, {"unsup_warmup_epochs": 3.0}),
     "et_lambda1_rampup": ("efficient_teacher", 0.1, {"lambda_u": 1.0, "unsup_warmup_epochs": 3.0}),
     "mt_rampup": ("mean_teacher", 0.1, {"unsup_warmup_epochs": 3.0}),
