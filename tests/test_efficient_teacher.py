@@ -776,7 +776,7 @@ def test_shipped_method_yamls_load_and_match_the_defaults():
         m = build_method(name, cfg)  # every key known and well typed
         assert set(cfg) == set(type(m).DEFAULTS)
     et = method_defaults("efficient_teacher")
-    assert (et["tau1"], et["tau2"], et["alpha"], et["lambda_u"], et["da_weight"]) == (0.1, 0.6, 0.6, 3.0, 0.1)
+    assert (et["tau1"], et["tau2"], et["alpha"], et["lambda_u"], et["da_weight"]) == (0.1, 0.6, 0.6, 1.0, 0.1)
     assert (et["nms_iou"], et["max_det"]) == (0.65, 100)
 
 
@@ -800,4 +800,5 @@ def test_two_epoch_run_saves_thresholds_in_checkpoint(tiny_cfg):
     row = list(csv.DictReader(open(f"{run}/results.csv")))[-1]
     assert {"method/tau1_0", "method/tau2_0", "method/pl_reliable_per_img", "method/pl_uncertain_per_img"} <= set(row)
     # the trainer tells the method how far past the switch each step is: the ramp's first half
-    assert sigmoid_rampup(0.0, 2.0) * 3 < float(row["train/lambda_u"]) < sigmoid_rampup(1.0, 2.0) * 3
+    lam = trainer.method.cfg["lambda_u"]
+    assert sigmoid_rampup(0.0, 2.0) * lam < float(row["train/lambda_u"]) < sigmoid_rampup(1.0, 2.0) * lam

@@ -8,9 +8,10 @@ supervised loss (``Detector.loss``, any model family) is applied to them::
 
 ``lambda_u`` defaults to 1.0: pseudo labels are treated exactly like labels, which is the
 classic self-training / Mean Teacher setting (STAC, Unbiased Teacher's box branch) and gives
-the baseline no tuned advantage or handicap. Efficient Teacher's lambda = 3 exists because its
-soft, uncertainty-aware targets are safe to weight up; hard 0.5-threshold labels carry the
-teacher's false positives and missed objects at full strength, so a larger weight only amplifies
+the baseline no tuned advantage or handicap; efficient_teacher uses the same weight (its paper's
+3.0 lost to 1.0 with a few hundred labels, docs/benchmarks.md Run 19), so the two differ in their
+targets, not in how much the unlabeled half counts. Hard 0.5-threshold labels carry the
+teacher's false positives and missed objects at full strength: a larger weight only amplifies
 confirmation bias.
 """
 
