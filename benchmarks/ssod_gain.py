@@ -63,7 +63,8 @@ EXTRA_ROWS = {
     "et_ignore_low_lambda1": ("efficient_teacher", 0.1, {"ignore_low_score": True, "lambda_u": 1.0}),
     "et_lambda1_plain_pla": ("efficient_teacher", 0.1, {"lambda_u": 1.0, "uncertain_box_loc": 1.0}),
     "et_lambda1": ("efficient_teacher", 0.1, {"lambda_u": 1.0}),
-    # the two ablations at lambda 1 (the defaults since Run 19)
+    # the paper's lambda (the default until Run 19), and the two ablations at lambda 1 (the default since)
+    "et_lambda3": ("efficient_teacher", 0.1, {"lambda_u": 3.0}),
     "et_lambda1_fixed_thresholds": ("efficient_teacher", 0.1, {"lambda_u": 1.0, "adaptive_thresholds": False}),
     "et_lambda1_no_domain_adapt": ("efficient_teacher", 0.1, {"lambda_u": 1.0, "domain_adaptation": False}),
     "et_rampup": ("efficient_teacher", 0.1, {"unsup_warmup_epochs": 3.0}),
@@ -348,16 +349,16 @@ def main(rows: dict = ROWS, cost_methods: tuple[str, ...] = ("efficient_teacher"
     if args.burn_in is None:
         args.burn_in = round(0.4 * args.epochs)
 
+    table = {**EXTRA_ROWS, **rows}
+    unknown = [r for r in filter(None, args.rows.split(",")) if r not in table]
+    if unknown:  # before any data is written
+        raise SystemExit(f"unknown rows {unknown}: choose from {', '.join([*rows, *EXTRA_ROWS])}")
     sfx = f"-d{args.data_seed}" if args.data_seed else ""
     data = {r: make_demo_dataset(Path(args.data_root) / f"demo-r{r}{sfx}", seed=args.data_seed, labeled_ratio=r,
                                  n_train=args.n_train, progress=False)
             for r in (0.1, 1.0)}
     results_path = Path(args.out) / "ssod_gain.json"
     results = _read_results(results_path)
-    table = {**EXTRA_ROWS, **rows}
-    unknown = [r for r in filter(None, args.rows.split(",")) if r not in table]
-    if unknown:
-        raise SystemExit(f"unknown rows {unknown}: choose from {', '.join([*rows, *EXTRA_ROWS])}")
     pending = [r for r in filter(None, args.rows.split(",")) if r not in results]  # resumable: measured rows are kept
     if args.jobs > 1 and pending:
         run_parallel(ap, args, pending, table, results_path)
