@@ -2,9 +2,9 @@
 
     python benchmarks/other_data.py [--epochs 20] [--burn-in 10] [--imgsz 256] [--out runs/other-data]
 
-The default budget is the one where labels matter (the oracle +4.8 over supervised) and the
-supervised model has levelled off before the switch; at 8 epochs (burn-in 4) the oracle was only
-+1.6 ahead and SSOD from a teacher at 0.30 lost 24 points (docs/benchmarks.md).
+The default budget is one where labels matter (the oracle +4.8 mAP50-95 over supervised) and the
+teacher at the switch is usable (0.65); at 8 epochs (burn-in 4) the oracle was only +1.6 ahead and
+SSOD from a teacher at 0.30 lost 24 points (docs/benchmarks.md).
 
 The demo is digits at 10-40 px on 128-160 px squares. This dataset changes what the defaults
 were looked at with: 3 classes of filled shapes (disk, square, triangle) at 10-150 px, on real
