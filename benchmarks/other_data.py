@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ssod.training.data.demo import yolo_lines
+
 NAMES = ["disk", "square", "triangle"]
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
           "camera", "coins", "moon", "page"]
@@ -104,8 +106,8 @@ def make_dataset(root: Path, n_train: int, n_val: int, n_unlabeled: int, seed: i
             if split == "train":
                 lab = (root / "labels" / split / rel).with_suffix(".txt")
                 lab.parent.mkdir(parents=True, exist_ok=True)
-                lab.write_text("".join(f"{c} {(a + b) / 2 / w:.6f} {(t + u) / 2 / h:.6f} {(b - a) / w:.6f} {(u - t) / h:.6f}\n"
-                                       for a, t, b, u, c in boxes))
+                xyxy = np.array([bx[:4] for bx in boxes], np.float64).reshape(-1, 4)
+                lab.write_text(yolo_lines(xyxy, [bx[4] for bx in boxes], h, w))
             coco["images"].append({"id": k + 1, "file_name": rel.as_posix(), "width": w, "height": h})
             coco["annotations"] += [{"id": len(coco["annotations"]) + j + 1, "image_id": k + 1, "category_id": c,
                                      "bbox": [a, t, b - a, u - t], "area": (b - a) * (u - t), "iscrowd": 0}
@@ -133,17 +135,16 @@ def oracle_labels(data: Path, out: Path) -> Path:
     """The unlabeled images' kept-aside boxes as YOLO files (bad/gray.png and bad/cmyk.jpg are
     copies of the first unlabeled image and get its boxes; the three unreadable files none)."""
     coco = json.loads((data.parent / "annotations" / "unlabeled_hidden.json").read_text())
-    by_img: dict[int, list[str]] = {}
+    by_img: dict[int, list[dict]] = {}
     for a in coco["annotations"]:
-        im = coco["images"][a["image_id"] - 1]
-        x, y, w, h = a["bbox"]
-        by_img.setdefault(a["image_id"], []).append(
-            f"{a['category_id']} {(x + w / 2) / im['width']:.6f} {(y + h / 2) / im['height']:.6f} "
-            f"{w / im['width']:.6f} {h / im['height']:.6f}\n")
+        by_img.setdefault(a["image_id"], []).append(a)
     for im in coco["images"]:
+        anns = by_img.get(im["id"], [])
+        xywh = np.array([a["bbox"] for a in anns], np.float64).reshape(-1, 4)
         p = (out / im["file_name"]).with_suffix(".txt")
         p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text("".join(by_img.get(im["id"], [])))
+        p.write_text(yolo_lines(np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1),
+                                [a["category_id"] for a in anns], im["height"], im["width"]))
     first = (out / coco["images"][0]["file_name"]).with_suffix(".txt").read_text()
     (out / "bad").mkdir(exist_ok=True)
     for name in ("gray.txt", "cmyk.txt"):

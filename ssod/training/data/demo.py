@@ -227,7 +227,8 @@ def render_image(
     return out, b, np.asarray(classes, dtype=np.int64)
 
 
-def _yolo_lines(boxes: np.ndarray, cls: np.ndarray, h: int, w: int) -> str:
+def yolo_lines(boxes: np.ndarray, cls: np.ndarray, h: int, w: int) -> str:
+    """YOLO label text (``class cx cy w h``, normalised) for xyxy pixel ``boxes`` of an h x w image."""
     if len(boxes) == 0:
         return ""
     xc = (boxes[:, 0] + boxes[:, 2]) / 2 / w
@@ -338,7 +339,7 @@ def _write_image(job: tuple[str, int, int, tuple[int, int], str, str, str]) -> t
     h, w = img.shape[:2]
     name = f"{split}_{index:06d}"
     Path(root, img_dir, f"{name}.jpg").write_bytes(_jpeg_bytes(img))
-    Path(root, lbl_dir, f"{name}.txt").write_text(_yolo_lines(boxes, cls, h, w))
+    Path(root, lbl_dir, f"{name}.txt").write_text(yolo_lines(boxes, cls, h, w))
     return h, w, boxes, cls
 
 
