@@ -43,7 +43,7 @@ from torch import nn
 from ssod.training.data.batch import Batch
 from ssod.training.engine.hooks import Hook
 from ssod.training.methods.base import Method, register_method
-from ssod.training.methods.efficient_teacher.adaptor import DomainDiscriminator, EpochAdaptor
+from ssod.training.methods.efficient_teacher.adaptor import DomainDiscriminator, EpochAdaptor, shrunk_class_counts
 from ssod.training.methods.efficient_teacher.assigner import (
     PseudoLabelAssigner,
     class_maps,
@@ -103,6 +103,7 @@ class EfficientTeacher(Method):
         "unsup_norm": ("pseudo", "labeled"),
         "unsup_background": ("zero", "teacher"),
         "pseudo_source": ("teacher", "hidden_labels", "teacher_true"),
+        "class_prior": ("labeled", "shrunk"),
     }
     ANY_LENGTH = ("teacher_scales",)
 
@@ -145,7 +146,8 @@ class EfficientTeacher(Method):
         return self.adaptor
 
     def set_dataset(self, spec: Any) -> None:
-        """Labeled class counts and image count from a ``DatasetSpec`` (the adaptor's prior)."""
+        """Labeled class counts and image count from a ``DatasetSpec`` (the adaptor's prior;
+        ``class_prior: shrunk`` shrinks the mix toward uniform, ``adaptor.shrunk_class_counts``)."""
         source = self.cfg["pseudo_source"]
         if source != "teacher" and not getattr(spec, "unlabeled_hidden", None):
             raise ValueError(
@@ -154,7 +156,16 @@ class EfficientTeacher(Method):
             )
         nc = len(spec.names)
         cls = [np.asarray(s.cls, dtype=np.int64).reshape(-1) for s in spec.train]
-        counts = np.bincount(np.concatenate(cls) if cls else np.zeros(0, np.int64), minlength=nc)[:nc]
+        flat = np.concatenate(cls) if cls else np.zeros(0, np.int64)
+        image = np.repeat(np.arange(len(cls)), [len(c) for c in cls])
+        keep = flat < nc
+        per_image = np.bincount(image[keep] * nc + flat[keep], minlength=len(cls) * nc).reshape(len(cls), nc)
+        counts = per_image.sum(0)
+        if self.cfg["class_prior"] == "shrunk":
+            shrunk = shrunk_class_counts(torch.from_numpy(per_image)).numpy()
+            LOG.info("efficient_teacher: class prior shrunk toward uniform: %s",
+                     ", ".join(f"{n} {a} -> {b:.1f}" for n, a, b in zip(spec.names, counts, shrunk)))
+            counts = shrunk
         self.set_label_statistics(counts, len(spec.train), names=list(spec.names))
 
     def set_label_statistics(self, class_counts: Any, n_labeled_images: int, names: list[str] | None = None) -> None:
