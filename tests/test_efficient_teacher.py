@@ -12,7 +12,12 @@ import torch
 
 from ssod.training.methods.base import build_method, sigmoid_rampup
 from ssod.training.methods.efficient_teacher import EfficientTeacher
-from ssod.training.methods.efficient_teacher.adaptor import DomainDiscriminator, EpochAdaptor, threshold_for_count
+from ssod.training.methods.efficient_teacher.adaptor import (
+    DomainDiscriminator,
+    EpochAdaptor,
+    shrunk_class_counts,
+    threshold_for_count,
+)
 from ssod.training.methods.efficient_teacher.assigner import (
     PseudoLabelAssigner,
     dense_teacher_detections,
@@ -274,6 +279,50 @@ def test_epoch_adaptor_memory_is_bounded():
     for _ in range(5):
         a.observe(torch.rand(10000), torch.randint(0, 3, (10000,)), n_images=8)
     assert a.hist.shape == (3, 100) and int(a.hist.sum()) == 50000
+
+
+def _per_image_counts(shares, n_images: int, per_image: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    cls = torch.multinomial(torch.tensor(shares), n_images * per_image, replacement=True, generator=g)
+    return torch.nn.functional.one_hot(cls, len(shares)).view(n_images, per_image, -1).sum(1)
+
+
+def test_shrunk_prior_pulls_a_noisy_balanced_sample_toward_uniform():
+    """A balanced class mix seen through 100 labeled images: the labeled counts scatter by sampling
+    noise alone, the shrunk ones sit closer to the truth (uniform); the total is kept."""
+    closer = 0
+    for seed in range(10):
+        m = _per_image_counts([0.25] * 4, 100, 2, seed)
+        raw, shrunk = m.sum(0).double(), shrunk_class_counts(m)
+        assert shrunk.sum() == pytest.approx(float(raw.sum()))
+        truth = raw.sum() / 4
+        closer += int((shrunk - truth).abs().max() < (raw - truth).abs().max())
+    assert closer >= 9
+
+
+def test_shrunk_prior_keeps_a_real_imbalance_and_absent_classes():
+    """A long-tailed mix (differences far beyond the noise) keeps its shares within 2 points; a
+    class with no labeled instance stays at 0; too little data gives the plain counts."""
+    m = _per_image_counts([0.7, 0.2, 0.1, 0.0], 400, 3, 0)
+    raw, shrunk = m.sum(0).double(), shrunk_class_counts(m)
+    assert raw[3] == 0 and shrunk[3] == 0
+    assert torch.allclose(shrunk / shrunk.sum(), raw / raw.sum(), atol=0.02)
+    assert (shrunk / shrunk.sum())[0] < (raw / raw.sum())[0]  # still moved toward uniform, a little
+    one = torch.tensor([[3, 1, 0]])
+    assert torch.equal(shrunk_class_counts(one), one[0].double())
+
+
+def test_class_prior_shrunk_sets_the_adaptor_targets():
+    spec = SimpleNamespace(names=NAMES, train=[SimpleNamespace(cls=np.array(c)) for c in ([0, 0], [0, 1], [2], [1, 2, 0], [0])])
+    plain = build_method("efficient_teacher", {"domain_adaptation": False})
+    plain.set_dataset(spec)
+    assert plain.adaptor.class_counts.tolist() == [5, 2, 2]
+    shrunk = build_method("efficient_teacher", {"domain_adaptation": False, "class_prior": "shrunk"})
+    shrunk.set_dataset(spec)
+    expected = shrunk_class_counts(torch.tensor([[2, 0, 0], [1, 1, 0], [0, 0, 1], [1, 1, 1], [1, 0, 0]]))
+    assert torch.allclose(shrunk.adaptor.class_counts, expected) and not torch.allclose(expected, torch.tensor([5.0, 2, 2], dtype=torch.float64))
+    with pytest.raises(ValueError, match="class_prior"):
+        build_method("efficient_teacher", {"class_prior": "uniform"})
 
 
 def test_first_threshold_update_comes_early_then_once_per_epoch():
