@@ -313,14 +313,16 @@ def test_shrunk_prior_keeps_a_real_imbalance_and_absent_classes():
 
 
 def test_class_prior_shrunk_sets_the_adaptor_targets():
-    spec = SimpleNamespace(names=NAMES, train=[SimpleNamespace(cls=np.array(c)) for c in ([0, 0], [0, 1], [2], [1, 2, 0], [0])])
+    per_image = [[0, 0], [0, 1], [2], [1, 2, 0], [0]]
+    spec = SimpleNamespace(names=NAMES, train=[SimpleNamespace(cls=np.array(c)) for c in per_image])
     plain = build_method("efficient_teacher", {"domain_adaptation": False})
     plain.set_dataset(spec)
     assert plain.adaptor.class_counts.tolist() == [5, 2, 2]
     shrunk = build_method("efficient_teacher", {"domain_adaptation": False, "class_prior": "shrunk"})
     shrunk.set_dataset(spec)
     expected = shrunk_class_counts(torch.tensor([[2, 0, 0], [1, 1, 0], [0, 0, 1], [1, 1, 1], [1, 0, 0]]))
-    assert torch.allclose(shrunk.adaptor.class_counts, expected) and not torch.allclose(expected, torch.tensor([5.0, 2, 2], dtype=torch.float64))
+    assert torch.allclose(shrunk.adaptor.class_counts, expected)
+    assert not torch.allclose(expected, torch.tensor([5.0, 2, 2], dtype=torch.float64))
     with pytest.raises(ValueError, match="class_prior"):
         build_method("efficient_teacher", {"class_prior": "uniform"})
 
