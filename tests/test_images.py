@@ -292,7 +292,7 @@ def test_draft_with_exif_rotation(tmp_path: Path) -> None:
     assert arr.shape == (160, 100, 3)
 
 
-# ------------------------------------------------------------------------- OpenCV JPEG path
+# ---------------------------------------------------------------------- fast JPEG path
 
 
 def _noisy(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -303,7 +303,7 @@ def _noisy(h: int, w: int, seed: int = 0) -> np.ndarray:
 
 @pytest.mark.parametrize("gray", [False, True])
 @pytest.mark.parametrize("orientation", range(1, 9))
-def test_opencv_jpeg_path_equals_pillow_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_fast_jpeg_path_equals_pillow_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                              orientation: int, gray: bool) -> None:
     import ssod_deploy.images as images
 
@@ -312,12 +312,12 @@ def test_opencv_jpeg_path_equals_pillow_path(tmp_path: Path, monkeypatch: pytest
     exif[0x0112] = orientation
     im = Image.fromarray(_noisy(200, 328))
     (im.convert("L") if gray else im).save(p, exif=exif, quality=85)
-    fast = [read_image_with_size(p, target_size=t) for t in (None, 160, 90, 40)]
+    fast = [read_image_with_size(p, target_size=t) for t in (None, 160, 90, 82, 40)]
     monkeypatch.setattr(images, "_decode_plain_jpeg", lambda *a: None)  # Pillow only
-    slow = [read_image_with_size(p, target_size=t) for t in (None, 160, 90, 40)]
-    # target 160 / 90 / 40 on a 328x200 image: draft scales 2, 2 (a 1/4 image would be < 90 wide), 8
+    slow = [read_image_with_size(p, target_size=t) for t in (None, 160, 90, 82, 40)]
+    # target 160 / 90 / 82 / 40 on a 328x200 image: draft scales 2, 2 (a 1/4 image would be < 90 wide), 4, 8
     assert [a.shape[:2] for a, _ in fast] == [a.shape[:2] for a, _ in slow]
-    assert len({a.shape for a, _ in fast}) == 3
+    assert len({a.shape for a, _ in fast}) == 4
     for (a, hw_a), (b, hw_b) in zip(fast, slow):
         assert hw_a == hw_b
         _check_rgb(a, a.shape[:2])
@@ -326,7 +326,7 @@ def test_opencv_jpeg_path_equals_pillow_path(tmp_path: Path, monkeypatch: pytest
 
 def test_jpeg_without_end_marker_goes_to_pillow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Trailing bytes after the image (some cameras append data) are fine; a cut-off file
-    still raises (OpenCV alone would pad it with gray and only warn)."""
+    still raises (libjpeg alone would pad it with gray and only warn)."""
     import ssod_deploy.images as images
 
     good = tmp_path / "tail.jpg"

@@ -1,6 +1,6 @@
 """`ssod label` engine: discover -> decode+letterbox pool -> batched inference -> journal -> outputs.
 
-Data flow (threads, not processes: OpenCV/Pillow decoding, numpy and ONNX Runtime all release
+Data flow (threads, not processes: simplejpeg/Pillow decoding, numpy and ONNX Runtime all release
 the GIL, and threads hand decoded images over without copying them)::
 
     lanes:           take chunk k, queue chunk k+PREFETCH+lanes for decoding (bounded)
