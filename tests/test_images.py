@@ -324,6 +324,30 @@ def test_fast_jpeg_path_equals_pillow_path(tmp_path: Path, monkeypatch: pytest.M
         assert np.array_equal(a, b)  # bit-identical pixels, orientation included
 
 
+@pytest.mark.parametrize("save_kw", [
+    {"progressive": True}, {"subsampling": 0}, {"subsampling": 1}, {"optimize": True, "quality": 60},
+])
+def test_fast_jpeg_path_equals_pillow_for_encoder_variants(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           save_kw: dict) -> None:
+    """Progressive scans, 4:4:4 / 4:2:2 chroma, optimised tables, odd sides: the fast decoder
+    takes the file (no fallback) and still gives Pillow's pixels at every draft scale."""
+    import ssod_deploy.images as images
+
+    p = tmp_path / "v.jpg"
+    Image.fromarray(_noisy(203, 331, seed=4)).save(p, **save_kw)
+    real = images._decode_plain_jpeg
+    taken = []
+    monkeypatch.setattr(images, "_decode_plain_jpeg", lambda *a: taken.append(real(*a)) or taken[-1])
+    targets = (None, 160, 80, 38)  # draft scales 1, 2, 4, 8 on a 331 x 203 image
+    fast = [read_image_with_size(p, target_size=t) for t in targets]
+    assert all(a is not None for a in taken) and len(taken) == len(targets)
+    monkeypatch.setattr(images, "_decode_plain_jpeg", lambda *a: None)  # Pillow only
+    slow = [read_image_with_size(p, target_size=t) for t in targets]
+    assert len({a.shape for a, _ in fast}) == len(targets)
+    for (a, hw_a), (b, hw_b) in zip(fast, slow):
+        assert hw_a == hw_b == (203, 331) and np.array_equal(a, b)
+
+
 def test_jpeg_without_end_marker_goes_to_pillow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Trailing bytes after the image (some cameras append data) are fine; a cut-off file
     still raises (libjpeg alone would pad it with gray and only warn)."""
