@@ -255,8 +255,8 @@ def _decode_plain_jpeg(img: Image.Image, fh, w: int, h: int, target_size: int | 
         # min_width: asking for ceil(side / sc) gives exactly Pillow's 8/sc (tested for 1, 2, 4, 8)
         arr = simplejpeg.decode_jpeg(data, "RGB" if img.mode == "RGB" else "GRAY",
                                      min_height=hw[0] if sc > 1 else 0, min_width=hw[1] if sc > 1 else 0)
-    except ValueError:
-        return None  # anything libjpeg warns about: Pillow decides (and raises a clear error if it must)
+    except Exception:  # noqa: BLE001 -- libjpeg's errors and warnings (ValueError), anything else alike
+        return None  # Pillow decides (and raises a clear error if it must)
     if arr.shape[:2] != hw:
         return None
     return np.repeat(arr, 3, axis=2) if arr.shape[2] == 1 else arr

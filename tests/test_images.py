@@ -6,6 +6,7 @@ import logging
 import os
 import pickle
 import sys
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -346,6 +347,26 @@ def test_fast_jpeg_path_equals_pillow_for_encoder_variants(tmp_path: Path, monke
     assert len({a.shape for a, _ in fast}) == len(targets)
     for (a, hw_a), (b, hw_b) in zip(fast, slow):
         assert hw_a == hw_b == (203, 331) and np.array_equal(a, b)
+
+
+def test_corrupt_jpeg_with_end_marker_is_left_to_pillow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Garbage inside a file that still ends with the end marker: libjpeg only warns, the fast
+    decoder refuses it and Pillow's reading (the reference behaviour) decides."""
+    import ssod_deploy.images as images
+
+    buf = BytesIO()
+    Image.fromarray(_noisy(120, 160, seed=2)).save(buf, "JPEG", quality=90)
+    data = bytearray(buf.getvalue())
+    data[len(data) // 2 : len(data) // 2 + 400] = b"\xaa" * 400
+    p = tmp_path / "corrupt.jpg"
+    p.write_bytes(bytes(data))
+    real = images._decode_plain_jpeg
+    taken = []
+    monkeypatch.setattr(images, "_decode_plain_jpeg", lambda *a: taken.append(real(*a)) or taken[-1])
+    got = read_image(p)
+    assert taken == [None]
+    monkeypatch.setattr(images, "_decode_plain_jpeg", lambda *a: None)
+    assert np.array_equal(got, read_image(p))
 
 
 def test_jpeg_without_end_marker_goes_to_pillow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
