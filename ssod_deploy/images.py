@@ -27,9 +27,9 @@ for a fraction of the CPU. Per 640x480 photo on one thread: 0.73 ms against 3.8 
 (it decodes block by block into a 4-byte-per-pixel buffer and copies that out) and 1.8 ms for
 OpenCV's ``imdecode`` (BGR then swapped, and a fresh mapping for every image); 1.1 / 1.6 ms in
 ``ssod label``'s 2-thread pool; 0.55 / 0.63 ms at half scale (``benchmarks/jpeg_decode.py``,
-docs/benchmarks.md Run G). "Complete" means the file ends with the JPEG
-end-of-image marker: libjpeg pads a cut-off file with gray and only warns, so anything else goes
-to Pillow, which raises on truncation.
+docs/benchmarks.md Run G). "Complete" means the file ends with the JPEG end-of-image marker:
+libjpeg pads a cut-off file with gray and only warns, so anything else goes to Pillow, which
+raises on truncation; a file libjpeg warns about anywhere else goes to Pillow too.
 """
 
 from __future__ import annotations

@@ -302,10 +302,19 @@ def _noisy(h: int, w: int, seed: int = 0) -> np.ndarray:
     return np.clip(_rgb(h, w).astype(int) + rng.integers(-60, 60, (h, w, 3)), 0, 255).astype(np.uint8)
 
 
+def _spy_fast_decoder(monkeypatch: pytest.MonkeyPatch) -> list:
+    """What the fast JPEG decoder returns for each file (None: it left the file to Pillow)."""
+    import ssod_deploy.images as images
+
+    real, returned = images._decode_plain_jpeg, []
+    monkeypatch.setattr(images, "_decode_plain_jpeg", lambda *a: returned.append(real(*a)) or returned[-1])
+    return returned
+
+
 @pytest.mark.parametrize("gray", [False, True])
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_fast_jpeg_path_equals_pillow_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                             orientation: int, gray: bool) -> None:
+                                           orientation: int, gray: bool) -> None:
     import ssod_deploy.images as images
 
     p = tmp_path / "o.jpg"
@@ -336,9 +345,7 @@ def test_fast_jpeg_path_equals_pillow_for_encoder_variants(tmp_path: Path, monke
 
     p = tmp_path / "v.jpg"
     Image.fromarray(_noisy(203, 331, seed=4)).save(p, **save_kw)
-    real = images._decode_plain_jpeg
-    taken = []
-    monkeypatch.setattr(images, "_decode_plain_jpeg", lambda *a: taken.append(real(*a)) or taken[-1])
+    taken = _spy_fast_decoder(monkeypatch)
     targets = (None, 160, 80, 38)  # draft scales 1, 2, 4, 8 on a 331 x 203 image
     fast = [read_image_with_size(p, target_size=t) for t in targets]
     assert all(a is not None for a in taken) and len(taken) == len(targets)
@@ -360,9 +367,7 @@ def test_corrupt_jpeg_with_end_marker_is_left_to_pillow(tmp_path: Path, monkeypa
     data[len(data) // 2 : len(data) // 2 + 400] = b"\xaa" * 400
     p = tmp_path / "corrupt.jpg"
     p.write_bytes(bytes(data))
-    real = images._decode_plain_jpeg
-    taken = []
-    monkeypatch.setattr(images, "_decode_plain_jpeg", lambda *a: taken.append(real(*a)) or taken[-1])
+    taken = _spy_fast_decoder(monkeypatch)
     got = read_image(p)
     assert taken == [None]
     monkeypatch.setattr(images, "_decode_plain_jpeg", lambda *a: None)
@@ -372,15 +377,11 @@ def test_corrupt_jpeg_with_end_marker_is_left_to_pillow(tmp_path: Path, monkeypa
 def test_jpeg_without_end_marker_goes_to_pillow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Trailing bytes after the image (some cameras append data) are fine; a cut-off file
     still raises (libjpeg alone would pad it with gray and only warn)."""
-    import ssod_deploy.images as images
-
     good = tmp_path / "tail.jpg"
     Image.fromarray(_noisy(64, 96)).save(good, quality=90)
     ref = read_image(good)
     good.write_bytes(good.read_bytes() + b"camera-trailer")
-    calls = []
-    real = images._decode_plain_jpeg
-    monkeypatch.setattr(images, "_decode_plain_jpeg", lambda *a: calls.append(real(*a)) or calls[-1])
+    calls = _spy_fast_decoder(monkeypatch)
     assert np.array_equal(read_image(good), ref)
     assert calls == [None]  # decided by Pillow
     cut = tmp_path / "cut.jpg"
