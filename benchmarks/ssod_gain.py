@@ -68,15 +68,12 @@ EXTRA_ROWS = {
     "et_lambda2": ("efficient_teacher", 0.1, {"lambda_u": 2.0}),  # weights either side of the default (Run 19)
     "et_lambda05": ("efficient_teacher", 0.1, {"lambda_u": 0.5}),
     "et_shrunk_prior": ("efficient_teacher", 0.1, {"class_prior": "shrunk"}),
-    "et_decay099": ("efficient_teacher", 0.1, {"teacher_decay": 0.99}),
-    "mt_decay099": ("mean_teacher", 0.1, {"teacher_decay": 0.99}),
+    "mt_decay099": ("mean_teacher", 0.1, {"teacher_decay": 0.99}),  # et_decay099: below
     "et_lambda1_fixed_thresholds": ("efficient_teacher", 0.1, {"lambda_u": 1.0, "adaptive_thresholds": False}),
     "et_lambda1_no_domain_adapt": ("efficient_teacher", 0.1, {"lambda_u": 1.0, "domain_adaptation": False}),
     "et_rampup": ("efficient_teacher", 0.1, {"unsup_warmup_epochs": 3.0}),
     "et_lambda1_rampup": ("efficient_teacher", 0.1, {"lambda_u": 1.0, "unsup_warmup_epochs": 3.0}),
     "mt_rampup": ("mean_teacher", 0.1, {"unsup_warmup_epochs": 3.0}),
-    # the class term at lambda 1, box and DFL at lambda 3: the teacher's wrong labels are mostly
-    # wrong classes on right boxes (Run 11), so its boxes may bear more weight than its classes
     # the teacher also on a 1.6x weak view for small objects (teacher_scales, SED's larger teacher scale)
     "et_multiscale": ("efficient_teacher", 0.1, {"teacher_scales": [1.0, 1.6]}),
     "et_lambda1_multiscale": ("efficient_teacher", 0.1, {"lambda_u": 1.0, "teacher_scales": [1.0, 1.6]}),
@@ -92,8 +89,6 @@ EXTRA_ROWS = {
     # tau2 at 80% of the tau1 count instead of the paper's 60%: the 1.2x teacher's reliable set is
     # 93% precise at 56% recall, and misses cost twice what false positives do (Run 9)
     "et_alpha08": ("efficient_teacher", 0.1, {"teacher_scales": [1.2], "alpha": 0.8}),
-    # SED's blur sigma scaled to the view (views.BLUR_REF_PX), the defaults since it was introduced: the same
-    # configs as et_scale12 / mean_teacher, whose results in earlier runs had the unscaled blur
     # the teacher's EMA decay after burn-in (teacher_decay, default 0.995: ~200-step memory) at half and
     # 2.5x that memory: the 20-epoch benchmark has 1,500 SSOD steps
     "et_decay099": ("efficient_teacher", 0.1, {"teacher_decay": 0.99}),
@@ -117,8 +112,12 @@ EXTRA_ROWS = {
     # the two ablations at 1:2
     "et_ratio2_fixed_thresholds": ("efficient_teacher", 0.1, {"adaptive_thresholds": False}, {"unlabeled_ratio": 2}),
     "et_ratio2_no_domain_adapt": ("efficient_teacher", 0.1, {"domain_adaptation": False}, {"unlabeled_ratio": 2}),
+    # SED's blur sigma scaled to the view (views.BLUR_REF_PX), the defaults since it was introduced: the same
+    # configs as et_scale12 / mean_teacher, whose results in earlier runs had the unscaled blur
     "et_blur_scaled": ("efficient_teacher", 0.1, {"teacher_scales": [1.2]}),
     "mt_blur_scaled": ("mean_teacher", 0.1, {}),
+    # the class term at lambda 1, box and DFL at lambda 3: the teacher's wrong labels are mostly
+    # wrong classes on right boxes (Run 11), so its boxes may bear more weight than its classes
     "et_lambda1_box3": ("efficient_teacher", 0.1, {"lambda_u": 1.0, "unsup_box_weight": 3.0, "unsup_dfl_weight": 3.0}),
     "et_plain_pla": ("efficient_teacher", 0.1, {"uncertain_box_loc": 1.0}),
     "et_loc_gate": ("efficient_teacher", 0.1, {"uncertain_box_loc": 0.85}),  # the default before Run 10

@@ -85,7 +85,7 @@ class DTG(SeededStepMethod):
     def unsupervised_losses(self, unlabeled: Batch, student: "Detector", teacher: "Detector") -> dict[str, Tensor]:
         c = self.cfg
         weak_img, strong_img = unlabeled["weak"], unlabeled["strong"]
-        device, bu, imgsz = weak_img.device, int(weak_img.shape[0]), int(strong_img.shape[-1])
+        device, imgsz = weak_img.device, int(strong_img.shape[-1])
         gen = self._generator(device)
 
         # teacher: one backbone + RPN pass on the weak view, R-CNN on its own proposals
