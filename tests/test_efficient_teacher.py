@@ -710,6 +710,42 @@ def test_ignore_low_score_turns_sub_tau1_boxes_into_ignore_regions(student):
     assert cls_loss[True] < cls_loss[False]
 
 
+def test_uncertain_targets_ignore_turns_uncertain_boxes_into_ignore_regions(student, monkeypatch):
+    """``uncertain_targets``: soft (the paper) -> the 0.5 class-b boxes between tau1 0.3 and tau2 0.9
+    reach the assigner as soft targets; ignore -> only the 0.95 reliable boxes do, and the uncertain
+    ones arrive as ignore regions (with ``ignore_low_score`` the sub-tau1 boxes join them)."""
+    student = copy.deepcopy(student).train()
+    teacher = _confident_teacher(student)
+    labeled, unlabeled = _batches()
+    seen: list[tuple[dict, dict | None]] = []
+    original = PseudoLabelAssigner.__call__
+
+    def spy(self, raw, targets, ignore=None, min_norm=None, background=None):
+        seen.append((targets, ignore))
+        return original(self, raw, targets, ignore, min_norm, background)
+
+    monkeypatch.setattr(PseudoLabelAssigner, "__call__", spy)
+    got = {}
+    for mode, low in (("soft", False), ("ignore", False), ("ignore", True)):
+        seen.clear()
+        m = build_method("efficient_teacher", {"domain_adaptation": False, "tau1": 0.3, "tau2": 0.9,
+                                               "uncertain_targets": mode, "ignore_low_score": low})
+        m.set_label_statistics([2, 1, 0], 4, names=NAMES)
+        m.start_epoch()
+        assert all(torch.isfinite(v) for v in m.losses(labeled, unlabeled, student, teacher).values())
+        targets, ignore = seen[1]  # [0] is the labeled half
+        got[mode, low] = (targets["scores"], targets["labels"], ignore)
+    scores, labels, ignore = got["soft", False]
+    assert ignore is None and (labels == 1).any() and (labels == 0).any()  # uncertain b and reliable a
+    scores, labels, ignore = got["ignore", False]
+    n_unc = int((got["soft", False][1] == 1).sum())
+    assert (labels == 0).all() and (scores >= 0.9).all() and len(labels) > 0
+    assert len(ignore["scores"]) == n_unc and (ignore["labels"] == 1).all()
+    assert len(got["ignore", True][2]["scores"]) >= n_unc
+    with pytest.raises(ValueError, match="uncertain_targets"):
+        build_method("efficient_teacher", {"uncertain_targets": "drop"})
+
+
 def test_teacher_background_gives_unassigned_positions_the_teacher_scores(student, monkeypatch):
     """``unsup_background: teacher``: positions no pseudo box is assigned to learn the teacher's
     scores read through the view matrices (here a flip of constant maps: level 0 says a at 0.95,

@@ -104,6 +104,7 @@ class EfficientTeacher(Method):
         "unsup_background": ("zero", "teacher"),
         "pseudo_source": ("teacher", "hidden_labels", "teacher_true"),
         "class_prior": ("labeled", "shrunk"),
+        "uncertain_targets": ("soft", "ignore"),
     }
     ANY_LENGTH = ("teacher_scales",)
 
@@ -322,6 +323,9 @@ class EfficientTeacher(Method):
         low = select(weak, weak["scores"] < tau1[weak["labels"]]) if c["ignore_low_score"] else None
         weak = select(weak, weak["scores"] >= tau1[weak["labels"]])
         weak["reliable"] = weak["scores"] >= tau2[weak["labels"]]
+        if c["uncertain_targets"] == "ignore":  # DSL's ignore band: no soft targets, no background either
+            uncertain = select(weak, ~weak["reliable"])
+            low = uncertain if low is None else {k: torch.cat((low[k], uncertain[k])) for k in low}
         # uncertain_box_loc >= 1 is the paper's plain PLA: no uncertain box gets box loss, however sharp
         sharp = weak["loc_quality"] >= c["uncertain_box_loc"] if c["uncertain_box_loc"] < 1.0 else False
         weak["box_ok"] = weak["reliable"] | sharp
@@ -330,6 +334,8 @@ class EfficientTeacher(Method):
         self.meter.add_quality("pl_reliable", select(weak, weak["reliable"]), unlabeled, iou=c["quality_iou"])
 
         # 2. into the strong view
+        if c["uncertain_targets"] == "ignore":
+            weak = select(weak, weak["reliable"])
         strong = weak_to_strong(weak, unlabeled, c["min_box_size"], c["min_visible"])
         n_rel = int(strong["reliable"].sum())
         n_unc = len(strong["scores"]) - n_rel
