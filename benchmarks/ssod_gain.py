@@ -71,6 +71,8 @@ EXTRA_ROWS = {
     "mt_decay099": ("mean_teacher", 0.1, {"teacher_decay": 0.99}),  # et_decay099: below
     # uncertain boxes as ignore regions instead of soft targets (DSL's ignore band; uncertain_targets)
     "et_uncertain_ignore": ("efficient_teacher", 0.1, {"uncertain_targets": "ignore"}),
+    # tau1 at 1.5x the expected box count (Epoch Adaptor beta): a wider uncertain band of soft positives
+    "et_beta15": ("efficient_teacher", 0.1, {"beta": 1.5}),
     "et_lambda1_fixed_thresholds": ("efficient_teacher", 0.1, {"lambda_u": 1.0, "adaptive_thresholds": False}),
     "et_lambda1_no_domain_adapt": ("efficient_teacher", 0.1, {"lambda_u": 1.0, "domain_adaptation": False}),
     "et_rampup": ("efficient_teacher", 0.1, {"unsup_warmup_epochs": 3.0}),

@@ -273,6 +273,23 @@ def test_epoch_adaptor_per_class_thresholds_bounds_and_defaults():
     assert torch.allclose(b.tau1, a.tau1) and torch.allclose(b.tau2, a.tau2)
 
 
+def test_epoch_adaptor_beta_scales_the_tau1_count_only():
+    """beta 1.5: tau1 keeps 1.5x the expected count (900 of class 0's uniform scores -> 0.1);
+    tau2 still keeps alpha of the expected count (360 -> 0.64)."""
+    u = (torch.arange(1000) + 0.5) / 1000
+    out = {}
+    for beta in (1.0, 1.5):
+        a = EpochAdaptor(1, alpha=0.6, beta=beta)
+        a.set_label_statistics([120], 10)
+        a.observe(u, torch.zeros(1000, dtype=torch.long), n_images=50)  # target 600 boxes
+        assert a.update()
+        out[beta] = (float(a.tau1[0]), float(a.tau2[0]))
+    assert out[1.0][0] == pytest.approx(0.4, abs=1e-4) and out[1.5][0] == pytest.approx(0.1, abs=1e-4)
+    assert out[1.0][1] == out[1.5][1] == pytest.approx(0.64, abs=1e-4)
+    with pytest.raises(ValueError, match="beta"):
+        EpochAdaptor(1, beta=0.0)
+
+
 def test_epoch_adaptor_memory_is_bounded():
     a = EpochAdaptor(3, bins=100)
     a.set_label_statistics([1, 1, 1], 1)

@@ -138,7 +138,7 @@ class EfficientTeacher(Method):
             self.names = list(names)
             self.adaptor = EpochAdaptor(
                 len(names), c["tau1"], c["tau2"], c["alpha"], c["hist_bins"],
-                c["tau1_bounds"], c["tau2_bounds"], c["tau_gap"],
+                c["tau1_bounds"], c["tau2_bounds"], c["tau_gap"], c["beta"],
             )
             if self._pending_state:
                 self.adaptor.load_state_dict(self._pending_state)

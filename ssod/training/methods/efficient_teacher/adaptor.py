@@ -7,6 +7,8 @@ over the ``N_u`` unlabeled images of the epoch::
     tau1^k[c] = P_c^k[ n_c * N_u / N_l ]           (the score of the target-th best box)
     tau2^k[c] = P_c^k[ alpha * n_c * N_u / N_l ]   (alpha = 0.6: the surest 60% are reliable)
 
+(``beta`` times the target for tau1 is an ssod option, 1 = the paper's rule.)
+
 where ``P_c^k`` are the teacher's class-c scores of that epoch sorted high to low. Scores are
 kept as a fixed-size histogram per class (``bins`` on [0, 1]), so memory does not grow with
 the data; the quantile is linearly interpolated inside its bin. Thresholds are clamped (tau1
@@ -114,12 +116,15 @@ class EpochAdaptor:
         tau1_bounds: Sequence[float] = (0.05, 0.5),
         tau2_bounds: Sequence[float] = (0.2, 0.9),
         gap: float = 0.05,
+        beta: float = 1.0,
     ):
         if not 0 < alpha <= 1:
             raise ValueError(f"Epoch Adaptor alpha must be in (0, 1], got {alpha}")
+        if not 0 < beta <= 10:
+            raise ValueError(f"Epoch Adaptor beta must be in (0, 10], got {beta}")
         self.nc = int(num_classes)
         self.default = (float(tau1), float(tau2))
-        self.alpha = float(alpha)
+        self.alpha, self.beta = float(alpha), float(beta)
         self.bins = int(bins)
         self.tau1_bounds = (float(tau1_bounds[0]), float(tau1_bounds[1]))
         self.tau2_bounds = (float(tau2_bounds[0]), float(tau2_bounds[1]))
@@ -166,7 +171,7 @@ class EpochAdaptor:
             self.reset()
             return False
         t = self.targets()
-        t1 = threshold_for_count(self.hist, t)
+        t1 = threshold_for_count(self.hist, self.beta * t)
         t2 = threshold_for_count(self.hist, self.alpha * t)
         t1 = t1.clamp(*self.tau1_bounds)
         lo2 = torch.clamp(t1 + self.gap, min=self.tau2_bounds[0])
