@@ -7,15 +7,15 @@ over the ``N_u`` unlabeled images of the epoch::
     tau1^k[c] = P_c^k[ n_c * N_u / N_l ]           (the score of the target-th best box)
     tau2^k[c] = P_c^k[ alpha * n_c * N_u / N_l ]   (alpha = 0.6: the surest 60% are reliable)
 
-(``beta`` times the target for tau1 is an ssod option, 1 = the paper's rule.)
-
 where ``P_c^k`` are the teacher's class-c scores of that epoch sorted high to low. Scores are
 kept as a fixed-size histogram per class (``bins`` on [0, 1]), so memory does not grow with
 the data; the quantile is linearly interpolated inside its bin. Thresholds are clamped (tau1
 to ``tau1_bounds``, tau2 to [max(tau1 + gap, tau2_bounds[0]), tau2_bounds[1]]). A class with
 no teacher scores keeps the configured defaults; a class with no labeled instance expects no
 pseudo boxes (thresholds at their ceilings). Scores below the detection floor are never seen:
-a target larger than the boxes seen puts tau1 at its floor.
+a target larger than the boxes seen puts tau1 at its floor. ``beta`` (an ssod option, 1 = the
+paper's rule) multiplies tau1's target: above 1 the uncertain band reaches lower scores
+(docs/benchmarks.md Run 22: 1.5 lost 0.4-0.5 mAP50-95 on two demo draws).
 
 Class prior. ``n_c`` counted on a few hundred labeled images is a noisy estimate of the class
 mix the unlabeled images have (65 / 57 / 37 labeled disks / squares / triangles stood for
