@@ -259,7 +259,7 @@ def _decode_plain_jpeg(img: Image.Image, fh, w: int, h: int, target_size: int | 
         return None  # Pillow decides (and raises a clear error if it must)
     if arr.shape[:2] != hw:
         return None
-    return np.repeat(arr, 3, axis=2) if arr.shape[2] == 1 else arr
+    return _gray_to_rgb(arr[..., 0]) if arr.shape[2] == 1 else arr
 
 
 def _orient_array(arr: np.ndarray, orientation: int) -> np.ndarray:

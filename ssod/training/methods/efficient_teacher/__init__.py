@@ -320,12 +320,14 @@ class EfficientTeacher(Method):
         if c["adaptive_thresholds"]:
             self.observe_teacher(adaptor, weak["scores"], weak["labels"], bu)
         weak = self.diagnostic_source(weak, unlabeled)
-        low = select(weak, weak["scores"] < tau1[weak["labels"]]) if c["ignore_low_score"] else None
-        weak = select(weak, weak["scores"] >= tau1[weak["labels"]])
+        below1 = weak["scores"] < tau1[weak["labels"]]
+        # ignore regions: sub-tau1 boxes (ignore_low_score) and/or the uncertain band (uncertain_targets
+        # ignore: DSL's ignore band, no soft targets and no background either)
+        band = weak["scores"] < tau2[weak["labels"]] if c["uncertain_targets"] == "ignore" else torch.zeros_like(below1)
+        ignored = (below1 & c["ignore_low_score"]) | (band & ~below1)
+        low = select(weak, ignored) if c["ignore_low_score"] or c["uncertain_targets"] == "ignore" else None
+        weak = select(weak, ~below1)
         weak["reliable"] = weak["scores"] >= tau2[weak["labels"]]
-        if c["uncertain_targets"] == "ignore":  # DSL's ignore band: no soft targets, no background either
-            uncertain = select(weak, ~weak["reliable"])
-            low = uncertain if low is None else {k: torch.cat((low[k], uncertain[k])) for k in low}
         # uncertain_box_loc >= 1 is the paper's plain PLA: no uncertain box gets box loss, however sharp
         sharp = weak["loc_quality"] >= c["uncertain_box_loc"] if c["uncertain_box_loc"] < 1.0 else False
         weak["box_ok"] = weak["reliable"] | sharp
