@@ -4,7 +4,8 @@
 NMS, un-letterboxing and clipping after — so an ONNX model, a TensorRT engine and the PyTorch
 teacher give the same detections for the same raw outputs. A backend only runs the network
 (``infer``: normalised (B, 3, H, W) float32 -> raw outputs) and says what it loaded
-(``metadata``). Backends are imported lazily: ``import ssod_deploy.detector`` never needs
+(``metadata``, and ``input_dtype`` where the model takes uint8 pixels instead: the ONNX
+Runtime INT8 exports, whose input quantizer is the normalisation itself). Backends are imported lazily: ``import ssod_deploy.detector`` never needs
 onnxruntime's GPU libraries, tensorrt or torch.
 
 Post-processing is looked up by the model's ``output_format`` in ``POSTPROCESSORS``; a new
@@ -52,10 +53,17 @@ class Backend(Protocol):
     name: str  # e.g. "onnxruntime[CPUExecutionProvider]"
     metadata: ModelMetadata
     max_batch: int | None  # None = any batch size
+    # optional ``input_dtype``: np.uint8 for a model that takes raw RGB pixels (no normalisation)
 
     def infer(self, batch: np.ndarray) -> list[np.ndarray]:
-        """(B, 3, H, W) float32 normalised -> raw outputs (batch first); H = W = imgsz unless ``rect``."""
+        """(B, 3, H, W) float32 normalised (or uint8 pixels, see ``input_dtype``) -> raw outputs
+        (batch first); H = W = imgsz unless ``rect``."""
         ...
+
+
+def takes_pixels(backend: Backend) -> bool:
+    """True when the model's input is uint8 RGB pixels, planar, which the model normalises itself."""
+    return np.dtype(getattr(backend, "input_dtype", np.float32)) == np.uint8
 
 
 # ------------------------------------------------------------------------------ pre-processing
@@ -70,13 +78,19 @@ def _norm_constants(meta: ModelMetadata) -> tuple[np.float32, np.ndarray, np.nda
 
 
 def normalise_into(canvas: np.ndarray, out: np.ndarray, meta: ModelMetadata) -> np.ndarray:
-    """(H, W, 3) uint8 RGB canvas -> ``out`` (3, H, W) float32, as the model expects.
+    """(H, W, 3) uint8 RGB canvas -> ``out`` (3, H, W) float32, as the model expects; a uint8
+    ``out`` (a model that ``takes_pixels``) gets the planes as they are.
 
     One pass per channel over contiguous planes (``cv2.split``): about half the time of a
     transposed copy followed by a cast and a scale, and no full-size temporaries."""
+    planes = cv2.split(np.ascontiguousarray(canvas))
+    if out.dtype == np.uint8:
+        for c, plane in enumerate(planes):
+            out[c] = plane
+        return out
     scale, mean, std = _norm_constants(meta)
     plain = not mean.any() and (std == 1).all()
-    for c, plane in enumerate(cv2.split(np.ascontiguousarray(canvas))):
+    for c, plane in enumerate(planes):
         np.multiply(plane, scale, out=out[c], casting="unsafe")
         if not plain:
             out[c] -= mean[c]
@@ -104,22 +118,23 @@ def letterbox_stride(meta: ModelMetadata) -> int | None:
 
 
 def preprocess_images(
-    images: Sequence[np.ndarray], meta: ModelMetadata
+    images: Sequence[np.ndarray], meta: ModelMetadata, dtype: type = np.float32
 ) -> tuple[np.ndarray, list[LetterboxParams]]:
     """Letterbox each (H, W, 3) uint8 RGB image (square, or its own rectangle for ``rect``
-    models) and normalise them into one batch; different rectangles are padded at the
-    bottom/right to the batch's largest H and W with the pad colour, which keeps every image's
-    letterbox parameters valid."""
+    models) and normalise them into one batch (``dtype`` uint8: planar pixels, for a model that
+    ``takes_pixels``); different rectangles are padded at the bottom/right to the batch's
+    largest H and W with the pad colour, which keeps every image's letterbox parameters valid."""
+    dtype = np.dtype(dtype)
     if not len(images):
-        return np.zeros((0, 3, meta.imgsz, meta.imgsz), np.float32), []
+        return np.zeros((0, 3, meta.imgsz, meta.imgsz), dtype), []
     pad = pad_value(meta)
     stride = letterbox_stride(meta)
     canvases, params = zip(*(letterbox(np.asarray(img), meta.imgsz, pad, stride) for img in images))
     h = max(c.shape[0] for c in canvases)
     w = max(c.shape[1] for c in canvases)
-    x = np.empty((len(canvases), 3, h, w), np.float32)
+    x = np.empty((len(canvases), 3, h, w), dtype)
     scale, mean, std = _norm_constants(meta)
-    fill = ((pad * scale - mean) / std).reshape(3, 1, 1)
+    fill = pad if dtype == np.uint8 else ((pad * scale - mean) / std).reshape(3, 1, 1)
     for i, c in enumerate(canvases):
         ch, cw = c.shape[:2]
         if (ch, cw) != (h, w):
@@ -242,6 +257,8 @@ class Detector:
         if m.output_format == "nms" and conf is not None and conf < m.conf:
             log.warning(f"{model}: NMS in the graph already dropped scores <= {m.conf}; conf={conf} cannot restore them")
         self.model_path = Path(model)
+        # what preprocessing hands the backend: planar uint8 pixels or normalised float32
+        self.input_dtype = np.dtype(np.uint8 if takes_pixels(self.backend) else np.float32)
         self.threads = threads
         self._init_args = {"backend": backend, "conf": conf, "iou": iou, "max_det": max_det}
 
@@ -275,12 +292,12 @@ class Detector:
 
     # ----------------------------------------------------------------------------- stages
     def preprocess(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, list[LetterboxParams]]:
-        """Letterbox + normalise: (B, 3, H, W) float32 and each image's letterbox parameters."""
-        return preprocess_images(images, self.metadata)
+        """Letterbox + normalise: (B, 3, H, W) ``input_dtype`` and each image's letterbox parameters."""
+        return preprocess_images(images, self.metadata, self.input_dtype)
 
     def preprocess_one(self, image: np.ndarray) -> tuple[np.ndarray, LetterboxParams]:
-        """One image -> (3, H, W) float32 and its letterbox parameters."""
-        batch, params = preprocess_images([image], self.metadata)
+        """One image -> (3, H, W) ``input_dtype`` and its letterbox parameters."""
+        batch, params = preprocess_images([image], self.metadata, self.input_dtype)
         return batch[0], params[0]
 
     def letterbox_one(self, image: np.ndarray) -> tuple[np.ndarray, LetterboxParams]:
@@ -290,8 +307,13 @@ class Detector:
         return letterbox(np.asarray(image), m.imgsz, pad_value(m), letterbox_stride(m))
 
     def infer(self, batch: np.ndarray) -> list[np.ndarray]:
-        """Run the network on any number of images: split by the backend's max batch, pad a fixed batch."""
-        batch = np.asarray(batch, dtype=np.float32)
+        """Run the network on any number of images (``preprocess`` output): split by the backend's
+        max batch, pad a fixed batch."""
+        batch = np.asarray(batch)
+        if (batch.dtype == np.uint8) != (self.input_dtype == np.uint8):
+            raise ValueError(f"infer: {self.model_path.name} takes {self.input_dtype} input, got {batch.dtype} "
+                             "(use Detector.preprocess)")
+        batch = batch.astype(self.input_dtype, copy=False)
         n = batch.shape[0]
         if n == 0:
             raise ValueError("infer: empty batch")
@@ -302,7 +324,7 @@ class Detector:
             chunk = batch[start : start + step]
             real = chunk.shape[0]
             if fixed and real < fixed:
-                chunk = np.concatenate([chunk, np.zeros((fixed - real, *chunk.shape[1:]), np.float32)])
+                chunk = np.concatenate([chunk, np.zeros((fixed - real, *chunk.shape[1:]), chunk.dtype)])
             outs.append([o[:real] for o in self.backend.infer(np.ascontiguousarray(chunk))])
         if len(outs) == 1:
             return outs[0]
@@ -343,14 +365,14 @@ class Detector:
         return out
 
     def _batch_buffer(self, n: int, shape: tuple[int, ...]) -> np.ndarray:
-        """A float32 (n, *shape) array reused from call to call (the backend has finished with it
+        """An ``input_dtype`` (n, *shape) array reused from call to call (the backend has finished with it
         when ``infer`` returns): a fresh multi-MB array per batch costs page faults every time."""
         key = (n, *shape)
         buffers = self.__dict__.setdefault("_buffers", {})
         if key not in buffers:
             if len(buffers) >= 8:  # a rect model on mixed aspect ratios: keep the recent shapes only
                 buffers.pop(next(iter(buffers)))
-            buffers[key] = np.empty(key, np.float32)
+            buffers[key] = np.empty(key, self.input_dtype)
         return buffers[key]
 
     def postprocess_each(

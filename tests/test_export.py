@@ -288,12 +288,71 @@ def test_int8_model_has_qdq_and_runs(work, fp32_onnx):
     cal = meta.extra["calibration"]
     assert cal["images"] == 10 and cal["skipped"] == 3 and cal["method"] == "entropy"
     assert cal["target"] == "cpu" and qdq_activation_type(model) == "u8"  # ONNX Runtime's fast x86 path
+    assert cal["input"] == "uint8 pixels" and model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
     x = batch_of(work, 3)
+    pixels = np.rint(x * 255).astype(np.uint8)
     ref = ort.InferenceSession(str(fp32_onnx), providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]
-    out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]
+    out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"images": pixels})[0]
     assert out.shape == ref.shape
     assert np.abs(out[:, 4:] - ref[:, 4:]).mean() < 0.05  # close on average, not identical
     assert not np.array_equal(out, ref)
+
+
+def _with_input_quantizer(model: onnx.ModelProto, scale: float) -> onnx.ModelProto:
+    """The pixel-input model with a float input and a uint8 QuantizeLinear in front again."""
+    from onnx import helper, numpy_helper
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    for n in g.node:
+        n.input[:] = ["images_q" if i == "images" else i for i in n.input]
+    g.initializer.extend([numpy_helper.from_array(np.array(scale, np.float32), "images_q_scale"),
+                          numpy_helper.from_array(np.array(0, np.uint8), "images_q_zp")])
+    g.node.insert(0, helper.make_node("QuantizeLinear", ["images", "images_q_scale", "images_q_zp"], ["images_q"]))
+    g.input[0].type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+    return m
+
+
+def test_int8_pixel_input_is_bit_identical_to_the_float_input(work, tmp_path):
+    """The removed input quantizer was the identity on pixels: the same model with it restored and
+    fed normalised floats gives the same bits, and the Detector feeds the pixel model uint8."""
+    from ssod.export.precision import take_pixels
+    from ssod_deploy.images import read_image
+
+    path = export_model(work / "tiny.pt", int8=True, calib=work / "calib", calib_size=16, out=work / "int8.onnx")
+    pix = onnx.load(str(path))
+    flt = _with_input_quantizer(pix, 1 / 255)
+    x = batch_of(work, 3)
+    pixels = np.rint(x * 255).astype(np.uint8)
+    a = ort.InferenceSession(pix.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"images": pixels})
+    b = ort.InferenceSession(flt.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"images": x})
+    assert all(np.array_equal(u, v) for u, v in zip(a, b))
+
+    det = Detector(path)
+    assert det.input_dtype == np.uint8
+    imgs = [read_image(p) for p in sorted((work / "calib").glob("img_*.jpg"))[:3]]
+    xd, _ = det.preprocess(imgs)
+    assert xd.dtype == np.uint8 and np.array_equal(xd, pixels)
+    assert np.array_equal(det.infer(xd)[0], a[0])
+    whole = det(imgs)  # letterbox_one + infer_each (the labeling path's reused uint8 batch buffer)
+    _, params = det.preprocess(imgs)
+    one_by_one = det.postprocess(a, params, [im.shape[:2] for im in imgs])
+    assert all(np.array_equal(u.boxes, v.boxes) and np.array_equal(u.scores, v.scores) for u, v in zip(whole, one_by_one))
+    with pytest.raises(ValueError, match="takes uint8 input"):
+        det.infer(x)
+
+    # a quantizer that is not the identity on pixels stays: other scale, other zero point, two consumers
+    assert not take_pixels(_with_input_quantizer(pix, 1.01 / 255), "images", 1 / 255)
+    odd_zp = _with_input_quantizer(pix, 1 / 255)
+    next(t for t in odd_zp.graph.initializer if t.name == "images_q_zp").CopyFrom(
+        onnx.numpy_helper.from_array(np.array(1, np.uint8), "images_q_zp"))
+    assert not take_pixels(odd_zp, "images", 1 / 255)
+    two = _with_input_quantizer(pix, 1 / 255)
+    two.graph.node.append(onnx.helper.make_node("Identity", ["images"], ["images_copy"]))
+    assert not take_pixels(two, "images", 1 / 255)
+    again = _with_input_quantizer(pix, 1 / 255)
+    assert take_pixels(again, "images", 1 / 255) and again.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
 
 
 def test_calibration_reader_preprocesses_like_runtime_and_skips_bad_files(work):

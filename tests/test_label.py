@@ -71,6 +71,7 @@ class FakeDetector:
         self.backend = SimpleNamespace(name="fake", max_batch=None, metadata=self.metadata)
         self.delay = delay
         self.batch_sizes: list[int] = []
+        self.input_dtype = np.dtype(np.float32)
 
     def preprocess_one(self, image: np.ndarray):
         canvas, params = letterbox(image, self.metadata.imgsz)

@@ -181,7 +181,7 @@ def export_model(
 
 def _reduce_precision(proto: Any, meta: Any, out_shape: tuple[int, ...], half: bool, calib_paths: Any,
                       calib_size: int, calib_method: str, dynamic: bool, int8_target: str) -> Any:
-    from ssod.export.precision import count_qdq, decode_tail_nodes, quantize_int8, to_fp16
+    from ssod.export.precision import count_qdq, decode_tail_nodes, quantize_int8, take_pixels, to_fp16
 
     try:
         # INT8 also keeps the head's output convs (DFL and class logits) in FP32: measured on the demo
@@ -208,15 +208,21 @@ def _reduce_precision(proto: Any, meta: Any, out_shape: tuple[int, ...], half: b
     )
     if len(skipped):
         log.warning(f"calibration: {skipped.summary_line()}")
+    norm = meta.normalize or {}
+    plain = not any(norm.get("mean", [0.0])) and all(s == 1 for s in norm.get("std", [1.0]))
+    pixel_input = (INPUT_NAME, float(norm.get("scale", 1 / 255))) if plain and int8_target == "cpu" else None
     with tempfile.TemporaryDirectory(prefix="ssod-int8-") as tmp:
         q, calib_method = quantize_int8(proto, Path(tmp) / "int8.onnx", reader, keep, method=calib_method,
-                                        target=int8_target)
+                                        target=int8_target, pixel_input=pixel_input)
+    pixels = pixel_input is not None and take_pixels(q, *pixel_input)
     nq, ndq = count_qdq(q)
     meta.extra["calibration"] = {"images": reader.num_images, "skipped": len(skipped), "method": calib_method,
-                                 "target": int8_target, "activations": "s8" if int8_target == "tensorrt" else "u8"}
+                                 "target": int8_target, "activations": "s8" if int8_target == "tensorrt" else "u8",
+                                 "input": "uint8 pixels" if pixels else "float32"}
     log.info(f"INT8 for {int8_target}: calibrated on {reader.num_images} images ({calib_method}, "
              f"{time.perf_counter() - t:.0f}s), "
-             f"{nq} Q / {ndq} DQ nodes, {len(keep)} decode nodes kept FP32")
+             f"{nq} Q / {ndq} DQ nodes, {len(keep)} decode nodes kept FP32"
+             f"{', input uint8 pixels' if pixels else ''}")
     return q
 
 

@@ -84,7 +84,8 @@ class OnnxRuntimeBackend:
         self.cpu_only = used[0] == "CPUExecutionProvider"  # concurrent sessions may split the cores
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
-        self.input_dtype = np.float16 if "float16" in inp.type else np.float32
+        # float16 models are fed float32 cast here; uint8: the model takes pixels (INT8 for the CPU)
+        self.input_dtype = {"tensor(float16)": np.float16, "tensor(uint8)": np.uint8}.get(inp.type, np.float32)
         batch_dim = inp.shape[0] if inp.shape else None
         self.max_batch: int | None = batch_dim if isinstance(batch_dim, int) and batch_dim > 0 else None
         self.output_names = [o.name for o in self.session.get_outputs()]
