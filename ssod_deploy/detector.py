@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,24 +78,45 @@ def _norm_constants(meta: ModelMetadata) -> tuple[np.float32, np.ndarray, np.nda
     return scale, mean, std
 
 
+_SCRATCH = threading.local()  # per-thread uint8 planes for the float path (decode pools, lanes)
+
+
+def split_planes(canvas: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 -> ``out`` (3, H, W) uint8 planes, written in place by ``cv2.split``.
+
+    In place matters: ``cv2.split`` without destinations allocates three planes per image, and
+    on a busy CPU those fresh arrays cost more in page faults than the split itself (1.0-1.5 ms
+    against 0.05 ms per 640x480 image measured with two training processes beside it)."""
+    dst = list(out)
+    got = cv2.split(canvas, dst)
+    for g, d in zip(got, dst):
+        if g.ctypes.data != d.ctypes.data:  # OpenCV allocated after all (never seen): copy
+            d[...] = g
+    return out
+
+
+def _scratch_planes(h: int, w: int) -> np.ndarray:
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.size < 3 * h * w:
+        buf = _SCRATCH.buf = np.empty(3 * h * w, np.uint8)
+    return buf[: 3 * h * w].reshape(3, h, w)
+
+
 def normalise_into(canvas: np.ndarray, out: np.ndarray, meta: ModelMetadata) -> np.ndarray:
     """(H, W, 3) uint8 RGB canvas -> ``out`` (3, H, W) float32, as the model expects; a uint8
     ``out`` (a model that ``takes_pixels``) gets the planes as they are.
 
-    One pass per channel over contiguous planes (``cv2.split``): about half the time of a
-    transposed copy followed by a cast and a scale, and no full-size temporaries."""
-    planes = cv2.split(np.ascontiguousarray(canvas))
+    Contiguous planes first (``split_planes``, into ``out`` or a reused per-thread scratch),
+    then one cast-and-scale pass over them: about half the time of a transposed copy followed
+    by a cast and a scale, and no full-size temporaries."""
     if out.dtype == np.uint8:
-        for c, plane in enumerate(planes):
-            out[c] = plane
-        return out
+        return split_planes(canvas, out)
+    planes = split_planes(canvas, _scratch_planes(*canvas.shape[:2]))
     scale, mean, std = _norm_constants(meta)
-    plain = not mean.any() and (std == 1).all()
-    for c, plane in enumerate(planes):
-        np.multiply(plane, scale, out=out[c], casting="unsafe")
-        if not plain:
-            out[c] -= mean[c]
-            out[c] /= std[c]
+    np.multiply(planes, scale, out=out, casting="unsafe")
+    if mean.any() or (std != 1).any():
+        out -= mean.reshape(3, 1, 1)
+        out /= std.reshape(3, 1, 1)
     return out
 
 
