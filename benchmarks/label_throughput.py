@@ -19,8 +19,9 @@ Rows, each over the same files and imgsz, each in a fresh process (ultralytics c
 thread count and patches Pillow on import; ssod label never imports torch):
     ssod label (end to end)   wall time of ``label_images`` incl. model load and writing outputs
     ssod label (engine)       the run's own images/s (decode..journal, without final outputs)
-    ORT model only            ``Detector.infer`` on pre-decoded, pre-letterboxed tensors: the faster
-                              of one session on every core and ``ssod label``'s CPU lanes (both shown)
+    ORT model only            ``Detector.infer`` on pre-decoded, pre-letterboxed tensors in the model's
+                              input type (normalised float32; uint8 pixels for the INT8 CPU export): the
+                              faster of one session on every core and ``ssod label``'s CPU lanes (both shown)
     ultralytics predict (1 thread / 2 threads)  ``YOLO(pt).predict(dir, stream=True)``; ultralytics
                               sets torch to cpu_count-1 threads on this 2-core machine, so the
                               thread count is also restored to 2 after warm-up and both are shown
@@ -204,7 +205,7 @@ def w_label(src: str, model: str, out: str, batch: int) -> dict[str, Any]:
 
 
 def w_ort(src: str, model: str, n: int, batch: int) -> dict[str, Any]:
-    """The model alone on pre-decoded, pre-normalised batches, in the faster of two layouts:
+    """The model alone on pre-decoded batches ready for it (``Detector.preprocess``), in the faster of two layouts:
     one session on every core, and ``Detector.cpu_lanes`` (sessions splitting the cores, each
     fed by its own thread) as ``ssod label`` runs on a CPU. Both are reported."""
     import threading

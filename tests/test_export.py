@@ -342,6 +342,15 @@ def test_int8_pixel_input_is_bit_identical_to_the_float_input(work, tmp_path):
     with pytest.raises(ValueError, match="takes uint8 input"):
         det.infer(x)
 
+    # calibration images that never reach white still give a pixel input: the range is fixed, not measured
+    dim = tmp_path / "dim"
+    dim.mkdir()
+    rng = np.random.default_rng(5)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 180, (IMGSZ, IMGSZ, 3), dtype=np.uint8)).save(dim / f"d{i}.png")
+    dim_model = onnx.load(str(export_model(work / "tiny.pt", int8=True, calib=dim, out=tmp_path / "dim.onnx")))
+    assert dim_model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+
     # a quantizer that is not the identity on pixels stays: other scale, other zero point, two consumers
     assert not take_pixels(_with_input_quantizer(pix, 1.01 / 255), "images", 1 / 255)
     odd_zp = _with_input_quantizer(pix, 1 / 255)
