@@ -205,8 +205,8 @@ def w_label(src: str, model: str, out: str, batch: int) -> dict[str, Any]:
 
 
 def w_ort(src: str, model: str, n: int, batch: int) -> dict[str, Any]:
-    """The model alone on pre-decoded batches ready for it (``Detector.preprocess``), in the faster of two layouts:
-    one session on every core, and ``Detector.cpu_lanes`` (sessions splitting the cores, each
+    """The model alone on pre-decoded batches ready for it (``Detector.preprocess``), in the
+    faster of two layouts: one session on every core, and ``Detector.cpu_lanes`` (sessions splitting the cores, each
     fed by its own thread) as ``ssod label`` runs on a CPU. Both are reported."""
     import threading
 
