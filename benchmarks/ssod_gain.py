@@ -71,6 +71,7 @@ EXTRA_ROWS = {
     "mt_decay099": ("mean_teacher", 0.1, {"teacher_decay": 0.99}),  # et_decay099: below
     # uncertain boxes as ignore regions instead of soft targets (DSL's ignore band; uncertain_targets)
     "et_uncertain_ignore": ("efficient_teacher", 0.1, {"uncertain_targets": "ignore"}),
+    "et_uncertain_vector": ("efficient_teacher", 0.1, {"uncertain_targets": "vector"}),  # every class's score
     # tau1 at 1.5x the expected box count (Epoch Adaptor beta): a wider uncertain band of soft positives
     "et_beta15": ("efficient_teacher", 0.1, {"beta": 1.5}),
     "et_lambda1_fixed_thresholds": ("efficient_teacher", 0.1, {"lambda_u": 1.0, "adaptive_thresholds": False}),

@@ -98,6 +98,27 @@ def test_pla_split_reliable_uncertain_background(student):
     assert int(out["pos_uncertain"]) == int((fg & (in_box[1] | in_box[2])).sum())
 
 
+def test_pla_class_vector_targets_for_uncertain_boxes(student):
+    """With ``class_scores`` an uncertain box's positions learn the teacher's whole class vector
+    (a b-or-c box teaches c at its score too, not as background); reliable boxes keep the
+    task-aligned one-hot target, exactly as without the vectors."""
+    torch.manual_seed(1)
+    raw = [r.detach() for r in student.forward_raw(torch.rand(1, 3, S, S))]
+    boxes = [[0, 0, 24, 24], [40, 0, 64, 24]]
+    plain = _targets(boxes, [0, 1], [0.9, 0.5], [True, False], [True, False])
+    vec = dict(plain, class_scores=torch.tensor([[0.9, 0.3, 0.1], [0.05, 0.5, 0.4]]))
+    a = PseudoLabelAssigner(student.criterion())(raw, plain)["cls_target"][0]
+    b = PseudoLabelAssigner(student.criterion())(raw, vec)["cls_target"][0]
+    centers = _anchor_centers(student)
+    fg = a.sum(1) > 0
+    rel, unc = fg & _inside(centers, boxes[0]), fg & _inside(centers, boxes[1])
+    assert rel.any() and unc.any() and torch.equal(fg, b.sum(1) > 0)  # same positions assigned
+    assert torch.equal(a[rel], b[rel])  # reliable: unchanged
+    assert torch.allclose(a[unc], torch.tensor([0.0, 0.5, 0.0]).expand(int(unc.sum()), 3))
+    assert torch.allclose(b[unc], torch.tensor([0.05, 0.5, 0.4]).expand(int(unc.sum()), 3))
+    assert torch.equal(a[~fg], b[~fg]) and (b[~fg] == 0).all()
+
+
 def test_uncertain_only_targets_give_no_box_loss(student):
     raw = [r.detach().requires_grad_(True) for r in student.forward_raw(torch.rand(1, 3, S, S))]
     pla = PseudoLabelAssigner(student.criterion())
@@ -761,6 +782,36 @@ def test_uncertain_targets_ignore_turns_uncertain_boxes_into_ignore_regions(stud
     assert len(got["ignore", True][2]["scores"]) >= n_unc
     with pytest.raises(ValueError, match="uncertain_targets"):
         build_method("efficient_teacher", {"uncertain_targets": "drop"})
+
+
+def test_uncertain_targets_vector_hands_the_teacher_class_scores_to_the_assigner(student, monkeypatch):
+    """vector: the unlabeled targets carry each box's full class-score row (its top entry is the
+    box's score); soft: they do not, so the assigner keeps the paper's one-hot soft target."""
+    student = copy.deepcopy(student).train()
+    teacher = _confident_teacher(student)
+    labeled, unlabeled = _batches()
+    seen: list[dict] = []
+    original = PseudoLabelAssigner.__call__
+
+    def spy(self, raw, targets, ignore=None, min_norm=None, background=None):
+        seen.append(targets)
+        return original(self, raw, targets, ignore, min_norm, background)
+
+    monkeypatch.setattr(PseudoLabelAssigner, "__call__", spy)
+    for mode in ("soft", "vector"):
+        seen.clear()
+        m = build_method("efficient_teacher", {"domain_adaptation": False, "tau1": 0.3, "tau2": 0.9,
+                                               "uncertain_targets": mode})
+        m.set_label_statistics([2, 1, 0], 4, names=NAMES)
+        m.start_epoch()
+        assert all(torch.isfinite(v) for v in m.losses(labeled, unlabeled, student, teacher).values())
+        t = seen[1]
+        if mode == "soft":
+            assert "class_scores" not in t
+        else:
+            v = t["class_scores"]
+            assert v.shape == (len(t["scores"]), len(NAMES)) and len(v) > 0
+            assert torch.allclose(v.max(1).values, t["scores"]) and torch.equal(v.argmax(1), t["labels"])
 
 
 def test_teacher_background_gives_unassigned_positions_the_teacher_scores(student, monkeypatch):

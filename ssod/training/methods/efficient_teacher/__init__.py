@@ -104,7 +104,7 @@ class EfficientTeacher(Method):
         "unsup_background": ("zero", "teacher"),
         "pseudo_source": ("teacher", "hidden_labels", "teacher_true"),
         "class_prior": ("labeled", "shrunk"),
-        "uncertain_targets": ("soft", "ignore"),
+        "uncertain_targets": ("soft", "ignore", "vector"),
     }
     ANY_LENGTH = ("teacher_scales",)
 
@@ -338,6 +338,8 @@ class EfficientTeacher(Method):
         # 2. into the strong view
         if c["uncertain_targets"] == "ignore":
             weak = select(weak, weak["reliable"])
+        if c["uncertain_targets"] != "vector":
+            weak.pop("class_scores", None)
         strong = weak_to_strong(weak, unlabeled, c["min_box_size"], c["min_visible"])
         n_rel = int(strong["reliable"].sum())
         n_unc = len(strong["scores"]) - n_rel

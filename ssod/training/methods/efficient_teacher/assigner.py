@@ -140,6 +140,7 @@ def dense_teacher_detections(
         "labels": lab[keep].long(),
         "batch_idx": bi[keep].long(),
         "loc_quality": loc,
+        "class_scores": p[bi[keep], ai[keep], 4:],  # (N, nc): every class's score at the box's position
     }
 
 
@@ -242,7 +243,8 @@ class PseudoLabelAssigner:
         """Losses on ``raw`` (per-level (B, 4R + nc, H, W) maps) for ``targets`` in the same view.
 
         ``targets``: boxes (N,4) xyxy pixels, labels, scores, batch_idx, reliable (bool), box_ok
-        (bool: box/DFL loss wanted). ``ignore`` (boxes, batch_idx): regions where positions not
+        (bool: box/DFL loss wanted), optionally class_scores (N, nc): an uncertain box's soft
+        target over every class (``uncertain_targets: vector``) instead of its score in its class. ``ignore`` (boxes, batch_idx): regions where positions not
         assigned to a target get no classification loss instead of the background target (the
         ``ignore_low_score`` option: teacher boxes below tau1 are weak evidence of an object, not
         of background). Returns gain- and weight-scaled per-image-normalised ``cls``, ``box``,
@@ -284,6 +286,9 @@ class PseudoLabelAssigner:
             ),
             1,
         )
+        vector = targets.get("class_scores")
+        if vector is not None:
+            packed = torch.cat((packed, vector.float().reshape(len(packed), nc)), 1)
         padded, mask = pad_per_image(targets["batch_idx"], packed, bsz)
         gt_labels, gt_bboxes = padded[..., 0:1], padded[..., 1:5]
         gt_score, gt_rel, gt_box = padded[..., 5], padded[..., 6] > 0.5, padded[..., 7] > 0.5
@@ -299,7 +304,10 @@ class PseudoLabelAssigner:
         target_gt_idx = target_gt_idx.long()
         rel = gt_rel.gather(1, target_gt_idx) & fg_mask  # (B, A)
         box_pos = gt_box.gather(1, target_gt_idx) & fg_mask
-        soft = F.one_hot(target_labels.long().clamp(0, nc - 1), nc).to(dtype) * gt_score.gather(1, target_gt_idx)[..., None]
+        if vector is None:  # the paper: the teacher's score in the box's class, 0 in the others
+            soft = F.one_hot(target_labels.long().clamp(0, nc - 1), nc).to(dtype) * gt_score.gather(1, target_gt_idx)[..., None]
+        else:
+            soft = padded[..., 8:].gather(1, target_gt_idx[..., None].expand(-1, -1, nc)).to(dtype)
         cls_t = torch.where(rel[..., None], target_scores.to(dtype), soft) * fg_mask[..., None].to(dtype)
         tss = cls_t.sum().clamp(min=1)
         if min_norm is not None:  # a tensor floor stays on the device: no host sync per step
