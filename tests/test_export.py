@@ -338,7 +338,8 @@ def test_int8_pixel_input_is_bit_identical_to_the_float_input(work, tmp_path):
     whole = det(imgs)  # letterbox_one + infer_each (the labeling path's reused uint8 batch buffer)
     _, params = det.preprocess(imgs)
     one_by_one = det.postprocess(a, params, [im.shape[:2] for im in imgs])
-    assert all(np.array_equal(u.boxes, v.boxes) and np.array_equal(u.scores, v.scores) for u, v in zip(whole, one_by_one))
+    for u, v in zip(whole, one_by_one):
+        assert np.array_equal(u.boxes, v.boxes) and np.array_equal(u.scores, v.scores)
     with pytest.raises(ValueError, match="takes uint8 input"):
         det.infer(x)
 
@@ -361,7 +362,8 @@ def test_int8_pixel_input_is_bit_identical_to_the_float_input(work, tmp_path):
     two.graph.node.append(onnx.helper.make_node("Identity", ["images"], ["images_copy"]))
     assert not take_pixels(two, "images", 1 / 255)
     again = _with_input_quantizer(pix, 1 / 255)
-    assert take_pixels(again, "images", 1 / 255) and again.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert take_pixels(again, "images", 1 / 255)
+    assert again.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
 
 
 def test_calibration_reader_preprocesses_like_runtime_and_skips_bad_files(work):

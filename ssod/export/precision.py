@@ -250,7 +250,9 @@ def quantize_int8(
         extra["CalibPercentile"] = float(percentile)
     if pixel_input is not None and not symmetric:
         name, scale = pixel_input
-        extra["TensorQuantOverrides"] = {name: [{"scale": np.array(scale, np.float32), "zero_point": np.array(0, np.uint8)}]}
+        extra["TensorQuantOverrides"] = {
+            name: [{"scale": np.array(scale, np.float32), "zero_point": np.array(0, np.uint8)}]
+        }
 
     src = out_path.with_name(out_path.name + ".fp32.tmp")  # quantize_static mutates a ModelProto: give it a file
     onnx.save(model, str(src))
@@ -311,14 +313,17 @@ def take_pixels(model: onnx.ModelProto, input_name: str, scale: float) -> bool:
         return False
     q = consumers[0]
     inits = {t.name: t for t in g.initializer}
-    if len(q.input) < 3 or q.input[1] not in inits or q.input[2] not in inits or inputs[0].type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+    if (len(q.input) < 3 or q.input[1] not in inits or q.input[2] not in inits
+            or inputs[0].type.tensor_type.elem_type != onnx.TensorProto.FLOAT):
         return False
     q_scale = numpy_helper.to_array(inits[q.input[1]])
     zp = numpy_helper.to_array(inits[q.input[2]])
     if zp.dtype != np.uint8 or q_scale.size != 1 or zp.size != 1:
         return False
     v = np.arange(256, dtype=np.float32)
-    back = np.clip(np.rint((v * np.float32(scale)) / q_scale.astype(np.float32).reshape(())) + float(zp.reshape(())), 0, 255)
+    # ONNX QuantizeLinear: saturate(round_half_even(x / scale) + zero_point)
+    levels = np.rint(v * np.float32(scale) / q_scale.astype(np.float32).reshape(()))
+    back = np.clip(levels + float(zp.reshape(())), 0, 255)
     if not np.array_equal(back, v):
         return False
     g.node.remove(q)

@@ -244,7 +244,8 @@ class PseudoLabelAssigner:
 
         ``targets``: boxes (N,4) xyxy pixels, labels, scores, batch_idx, reliable (bool), box_ok
         (bool: box/DFL loss wanted), optionally class_scores (N, nc): an uncertain box's soft
-        target over every class (``uncertain_targets: vector``) instead of its score in its class. ``ignore`` (boxes, batch_idx): regions where positions not
+        target over every class (``uncertain_targets: vector``) instead of its score in its class.
+        ``ignore`` (boxes, batch_idx): regions where positions not
         assigned to a target get no classification loss instead of the background target (the
         ``ignore_low_score`` option: teacher boxes below tau1 are weak evidence of an object, not
         of background). Returns gain- and weight-scaled per-image-normalised ``cls``, ``box``,
@@ -305,7 +306,8 @@ class PseudoLabelAssigner:
         rel = gt_rel.gather(1, target_gt_idx) & fg_mask  # (B, A)
         box_pos = gt_box.gather(1, target_gt_idx) & fg_mask
         if vector is None:  # the paper: the teacher's score in the box's class, 0 in the others
-            soft = F.one_hot(target_labels.long().clamp(0, nc - 1), nc).to(dtype) * gt_score.gather(1, target_gt_idx)[..., None]
+            one_hot = F.one_hot(target_labels.long().clamp(0, nc - 1), nc).to(dtype)
+            soft = one_hot * gt_score.gather(1, target_gt_idx)[..., None]
         else:
             soft = padded[..., 8:].gather(1, target_gt_idx[..., None].expand(-1, -1, nc)).to(dtype)
         cls_t = torch.where(rel[..., None], target_scores.to(dtype), soft) * fg_mask[..., None].to(dtype)
