@@ -67,6 +67,22 @@ def _inside(centers: torch.Tensor, box) -> torch.Tensor:
     return (centers[:, 0] > x1) & (centers[:, 0] < x2) & (centers[:, 1] > y1) & (centers[:, 1] < y2)
 
 
+def _spy_assigner(monkeypatch) -> list[dict]:
+    """Record every ``PseudoLabelAssigner`` call (the labeled half first, then the unlabeled one):
+    its targets, ignore regions, normaliser floor, background and output."""
+    calls: list[dict] = []
+    original = PseudoLabelAssigner.__call__
+
+    def spy(self, raw, targets, ignore=None, min_norm=None, background=None):
+        out = original(self, raw, targets, ignore, min_norm, background)
+        calls.append({"targets": targets, "ignore": ignore, "min_norm": min_norm, "background": background,
+                      "out": out})
+        return out
+
+    monkeypatch.setattr(PseudoLabelAssigner, "__call__", spy)
+    return calls
+
+
 # ------------------------------------------------------------------------------------------- PLA
 def test_pla_split_reliable_uncertain_background(student):
     """Three far-apart teacher boxes: reliable (0.9), uncertain (0.3), uncertain with sharp edges (0.4)."""
@@ -673,20 +689,13 @@ def test_hidden_labels_pseudo_source_replaces_the_teacher_boxes(student, monkeyp
     student = copy.deepcopy(student).train()
     teacher = _confident_teacher(student)  # would give many boxes of classes 0 and 1
     labeled, unlabeled = _batches()
-    seen: list[dict] = []
-    original = PseudoLabelAssigner.__call__
-
-    def spy(self, raw, targets, ignore=None, min_norm=None, background=None):
-        seen.append(targets)
-        return original(self, raw, targets, ignore, min_norm, background)
-
-    monkeypatch.setattr(PseudoLabelAssigner, "__call__", spy)
+    calls = _spy_assigner(monkeypatch)
     m = build_method("efficient_teacher", {"domain_adaptation": False, "pseudo_source": "hidden_labels"})
     m.set_label_statistics([2, 1, 0], 4, names=NAMES)
     m.start_epoch()
     losses = m.losses(labeled, unlabeled, student, teacher)
     assert all(torch.isfinite(v) for v in losses.values()) and float(losses["unsup_cls"].detach()) > 0
-    pseudo = seen[1]  # labeled call first, then the unlabeled one
+    pseudo = calls[1]["targets"]  # labeled call first, then the unlabeled one
     flipped = torch.tensor([[S - 24.0, 8, S - 8, 24]])  # M_weak is a horizontal flip, M_strong the identity
     assert torch.allclose(pseudo["boxes"], flipped) and pseudo["labels"].tolist() == [0]
     assert pseudo["reliable"].tolist() == [True] and pseudo["batch_idx"].tolist() == [0]
@@ -707,27 +716,20 @@ def test_teacher_true_pseudo_source_filters_the_teacher_boxes(student, monkeypat
     teacher = _confident_teacher(student)
     labeled, unlabeled = _batches()
     given: list[dict] = []
-    seen: list[dict] = []
 
     def fake_filter(weak, un, iou):
         given.append(weak)
         return et.select(weak, torch.arange(len(weak["scores"])) == 0)  # keep the top box only
 
-    original = PseudoLabelAssigner.__call__
-
-    def spy(self, raw, targets, ignore=None, min_norm=None, background=None):
-        seen.append(targets)
-        return original(self, raw, targets, ignore, min_norm, background)
-
     monkeypatch.setattr(et, "true_pseudo_labels", fake_filter)
-    monkeypatch.setattr(PseudoLabelAssigner, "__call__", spy)
+    calls = _spy_assigner(monkeypatch)
     m = build_method("efficient_teacher", {"domain_adaptation": False, "pseudo_source": "teacher_true",
                                            "tau1": 0.05, "tau2": 0.06})
     m.set_label_statistics([2, 1, 0], 4, names=NAMES)
     m.start_epoch()
     m.losses(labeled, unlabeled, student, teacher)
     assert len(given) == 1 and len(given[0]["scores"]) > 1  # the teacher's boxes, several of them
-    assert len(seen[1]["scores"]) <= 1  # the unlabeled assigner got the filtered set
+    assert len(calls[1]["targets"]["scores"]) <= 1  # the unlabeled assigner got the filtered set
 
 
 def test_ignore_low_score_turns_sub_tau1_boxes_into_ignore_regions(student):
@@ -755,23 +757,16 @@ def test_uncertain_targets_ignore_turns_uncertain_boxes_into_ignore_regions(stud
     student = copy.deepcopy(student).train()
     teacher = _confident_teacher(student)
     labeled, unlabeled = _batches()
-    seen: list[tuple[dict, dict | None]] = []
-    original = PseudoLabelAssigner.__call__
-
-    def spy(self, raw, targets, ignore=None, min_norm=None, background=None):
-        seen.append((targets, ignore))
-        return original(self, raw, targets, ignore, min_norm, background)
-
-    monkeypatch.setattr(PseudoLabelAssigner, "__call__", spy)
+    calls = _spy_assigner(monkeypatch)
     got = {}
     for mode, low in (("soft", False), ("ignore", False), ("ignore", True)):
-        seen.clear()
+        calls.clear()
         m = build_method("efficient_teacher", {"domain_adaptation": False, "tau1": 0.3, "tau2": 0.9,
                                                "uncertain_targets": mode, "ignore_low_score": low})
         m.set_label_statistics([2, 1, 0], 4, names=NAMES)
         m.start_epoch()
         assert all(torch.isfinite(v) for v in m.losses(labeled, unlabeled, student, teacher).values())
-        targets, ignore = seen[1]  # [0] is the labeled half
+        targets, ignore = calls[1]["targets"], calls[1]["ignore"]  # [0] is the labeled half
         got[mode, low] = (targets["scores"], targets["labels"], ignore)
     scores, labels, ignore = got["soft", False]
     assert ignore is None and (labels == 1).any() and (labels == 0).any()  # uncertain b and reliable a
@@ -790,22 +785,15 @@ def test_uncertain_targets_vector_hands_the_teacher_class_scores_to_the_assigner
     student = copy.deepcopy(student).train()
     teacher = _confident_teacher(student)
     labeled, unlabeled = _batches()
-    seen: list[dict] = []
-    original = PseudoLabelAssigner.__call__
-
-    def spy(self, raw, targets, ignore=None, min_norm=None, background=None):
-        seen.append(targets)
-        return original(self, raw, targets, ignore, min_norm, background)
-
-    monkeypatch.setattr(PseudoLabelAssigner, "__call__", spy)
+    calls = _spy_assigner(monkeypatch)
     for mode in ("soft", "vector"):
-        seen.clear()
+        calls.clear()
         m = build_method("efficient_teacher", {"domain_adaptation": False, "tau1": 0.3, "tau2": 0.9,
                                                "uncertain_targets": mode})
         m.set_label_statistics([2, 1, 0], 4, names=NAMES)
         m.start_epoch()
         assert all(torch.isfinite(v) for v in m.losses(labeled, unlabeled, student, teacher).values())
-        t = seen[1]
+        t = calls[1]["targets"]
         if mode == "soft":
             assert "class_scores" not in t
         else:
