@@ -78,6 +78,13 @@ def _norm_constants(meta: ModelMetadata) -> tuple[np.float32, np.ndarray, np.nda
     return scale, mean, std
 
 
+def plain_scale(meta: ModelMetadata) -> float | None:
+    """The normalisation's scale when it is a plain multiply (mean 0, std 1; ultralytics' 1/255),
+    else None: what decides whether an INT8 export can take the pixels themselves."""
+    scale, mean, std = _norm_constants(meta)
+    return float(scale) if not mean.any() and (std == 1).all() else None
+
+
 _SCRATCH = threading.local()  # per-thread uint8 planes for the float path (decode pools, lanes)
 
 

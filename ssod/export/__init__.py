@@ -198,6 +198,7 @@ def _reduce_precision(proto: Any, meta: Any, out_shape: tuple[int, ...], half: b
 
     from ssod.export.calibration import CalibrationReader
     from ssod.export.onnx import INPUT_NAME
+    from ssod_deploy.detector import plain_scale
     from ssod_deploy.images import SkipReport
 
     skipped = SkipReport()
@@ -208,9 +209,8 @@ def _reduce_precision(proto: Any, meta: Any, out_shape: tuple[int, ...], half: b
     )
     if len(skipped):
         log.warning(f"calibration: {skipped.summary_line()}")
-    norm = meta.normalize or {}
-    plain = not any(norm.get("mean", [0.0])) and all(s == 1 for s in norm.get("std", [1.0]))
-    pixel_input = (INPUT_NAME, float(norm.get("scale", 1 / 255))) if plain and int8_target == "cpu" else None
+    scale = plain_scale(meta)
+    pixel_input = (INPUT_NAME, scale) if scale is not None and int8_target == "cpu" else None
     with tempfile.TemporaryDirectory(prefix="ssod-int8-") as tmp:
         q, calib_method = quantize_int8(proto, Path(tmp) / "int8.onnx", reader, keep, method=calib_method,
                                         target=int8_target, pixel_input=pixel_input)
