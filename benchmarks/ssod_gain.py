@@ -82,6 +82,9 @@ EXTRA_ROWS = {
     # the teacher also on a 1.6x weak view for small objects (teacher_scales, SED's larger teacher scale)
     "et_multiscale": ("efficient_teacher", 0.1, {"teacher_scales": [1.0, 1.6]}),
     "et_lambda1_multiscale": ("efficient_teacher", 0.1, {"lambda_u": 1.0, "teacher_scales": [1.0, 1.6]}),
+    # Instant-Teaching's mosaic / mixup of the pseudo-labeled strong images, with the labeled ones in the pool
+    "et_mosaic": ("efficient_teacher", 0.1, {"strong_mix": "mosaic"}),
+    "et_mixup": ("efficient_teacher", 0.1, {"strong_mix": "mixup"}),
     "et_scales_1_14": ("efficient_teacher", 0.1, {"teacher_scales": [1.0, 1.4]}),  # fused, 2.96x the pixels of [1.0]
     # one teacher pass at 1.4x or 1.2x instead of two (1.96x / 1.44x the pixels of the plain teacher, not 3.56x)
     "et_lambda1_scale14": ("efficient_teacher", 0.1, {"lambda_u": 1.0, "teacher_scales": [1.4]}),

@@ -802,6 +802,34 @@ def test_uncertain_targets_vector_hands_the_teacher_class_scores_to_the_assigner
             assert torch.allclose(v.max(1).values, t["scores"]) and torch.equal(v.argmax(1), t["labels"])
 
 
+@pytest.mark.parametrize("mode", ["mosaic", "mixup"])
+def test_strong_mix_feeds_the_student_composites_with_labeled_boxes_among_the_targets(student, monkeypatch, mode):
+    """strong_mix at p=1: the student's unlabeled half is a composite (not the strong images), its
+    targets include labeled boxes as score-1 reliable targets, and the losses stay finite."""
+    student = copy.deepcopy(student).train()
+    teacher = _confident_teacher(student)
+    labeled, unlabeled = _batches(4)
+    labeled["boxes"], labeled["cls"] = labeled["boxes"].repeat(2, 1), labeled["cls"].repeat(2)
+    labeled["batch_idx"] = torch.arange(4)  # a box in every labeled image
+    calls = _spy_assigner(monkeypatch)
+    seen: list[torch.Tensor] = []
+    forward = type(student).forward_raw
+    monkeypatch.setattr(type(student), "forward_raw", lambda self, x: seen.append(x) or forward(self, x))
+    m = build_method("efficient_teacher", {"domain_adaptation": False, "strong_mix": mode, "strong_mix_p": 1.0})
+    m.set_label_statistics([2, 1, 0], 4, names=NAMES)
+    m.start_epoch()
+    torch.manual_seed(3)
+    losses = m.losses(labeled, unlabeled, student, teacher)
+    assert all(torch.isfinite(v) for v in losses.values())
+    student_unlabeled = seen[-1][4:]
+    assert student_unlabeled.shape == unlabeled["strong"].shape
+    assert not torch.equal(student_unlabeled, unlabeled["strong"])
+    t = calls[1]["targets"]
+    assert (t["batch_idx"] < 4).all()
+    from_labeled = (t["scores"] == 1) & t["reliable"]
+    assert from_labeled.any()
+
+
 def test_teacher_background_gives_unassigned_positions_the_teacher_scores(student, monkeypatch):
     """``unsup_background: teacher``: positions no pseudo box is assigned to learn the teacher's
     scores read through the view matrices (here a flip of constant maps: level 0 says a at 0.95,
@@ -906,6 +934,10 @@ def test_method_config_errors_are_clear():
         build_method("supervised", {"lambda_u": 1.0})
     with pytest.raises(ValueError, match="unsup_norm must be pseudo or labeled, not 'images'"):
         build_method("efficient_teacher", {"unsup_norm": "images"})
+    with pytest.raises(ValueError, match="strong_mix needs unsup_background: zero"):
+        build_method("efficient_teacher", {"strong_mix": "mosaic", "unsup_background": "teacher"})
+    with pytest.raises(ValueError, match=r"strong_mix_p must lie in \[0, 1\]"):
+        build_method("efficient_teacher", {"strong_mix": "mixup", "strong_mix_p": 2.0})
     m = build_method("efficient_teacher", {})
     with pytest.raises(ValueError, match="needs the student"):
         m.extra_modules()

@@ -65,6 +65,7 @@ from ssod.training.pseudo import (
     weak_to_strong,
 )
 from ssod.training.pseudo_geometry import resample_maps
+from ssod.training.strong_mix import MIX_MODES, mix_strong
 
 if TYPE_CHECKING:
     from ssod.training.models.base import Detector
@@ -105,6 +106,7 @@ class EfficientTeacher(Method):
         "pseudo_source": ("teacher", "hidden_labels", "teacher_true"),
         "class_prior": ("labeled", "shrunk"),
         "uncertain_targets": ("soft", "ignore", "vector"),
+        "strong_mix": MIX_MODES,
     }
     ANY_LENGTH = ("teacher_scales",)
 
@@ -118,6 +120,11 @@ class EfficientTeacher(Method):
         if len(set(c["teacher_scales"])) > 1 and 1.0 not in c["teacher_scales"]:
             raise ValueError("method 'efficient_teacher': several teacher_scales must include 1.0 (the pass for "
                              f"large objects), got {c['teacher_scales']}")
+        if not 0.0 <= c["strong_mix_p"] <= 1.0:
+            raise ValueError(f"method 'efficient_teacher': strong_mix_p must lie in [0, 1], got {c['strong_mix_p']}")
+        if c["strong_mix"] != "none" and c["unsup_background"] == "teacher":
+            raise ValueError("method 'efficient_teacher': strong_mix needs unsup_background: zero (the teacher's dense "
+                             "maps are read through the strong view's matrix, which a mosaic or mixup does not have)")
         self.names: list[str] | None = None
         self.adaptor: EpochAdaptor | None = None
         self.disc: DomainDiscriminator | None = None
@@ -299,6 +306,9 @@ class EfficientTeacher(Method):
             self._warned = True
 
         if two_stage:
+            if c["strong_mix"] != "none":
+                raise ValueError("efficient_teacher: strong_mix (mosaic/mixup of pseudo-labeled images) is for dense "
+                                 "YOLO students; this student is two-stage: set strong_mix: none")
             if len(set(c["teacher_scales"])) > 1:
                 raise ValueError(
                     "efficient_teacher: several teacher_scales (the fused multi-scale teacher) are for dense YOLO "
@@ -348,17 +358,24 @@ class EfficientTeacher(Method):
         self.meter.add_count("pl_uncertain", n_unc)
         self.meter.add_count("pl_uncertain_box", n_unc_box)
 
+        ignore = weak_to_strong(low, unlabeled, c["min_box_size"], c["min_visible"]) if low is not None else None
+        labeled_t = labeled_targets(labeled)
+        # Instant-Teaching's mosaic/mixup of the pseudo-labeled images (with the labeled ones as a pool)
+        strong_img, strong, ignore = mix_strong(
+            c["strong_mix"], unlabeled["strong"].to(labeled["img"].dtype), strong, ignore, labeled["img"], labeled_t,
+            c["strong_mix_p"], c["min_box_size"], c["min_visible"],
+        )
+
         # 3. one student forward on labeled + strong images
         bl = int(labeled["img"].shape[0])
-        img = torch.cat((labeled["img"], unlabeled["strong"].to(labeled["img"].dtype)), 0)
+        img = torch.cat((labeled["img"], strong_img), 0)
         if c["domain_adaptation"]:
             feats, raw = student.forward_features(img)
         else:
             feats, raw = None, student.forward_raw(img)
         crit = student.criterion()
-        sup = PseudoLabelAssigner(crit)([r[:bl] for r in raw], labeled_targets(labeled))
+        sup = PseudoLabelAssigner(crit)([r[:bl] for r in raw], labeled_t)
         pla = PseudoLabelAssigner(crit, c["unsup_cls_weight"], c["unsup_box_weight"], c["unsup_dfl_weight"])
-        ignore = weak_to_strong(low, unlabeled, c["min_box_size"], c["min_visible"]) if low is not None else None
         # "labeled": the unlabeled half is normalised by at least the labeled half's target mass
         # (per image), so scarce pseudo labels do not scale up every background position's loss
         norm = sup["norm"] * (bu / bl) if c["unsup_norm"] == "labeled" else None
