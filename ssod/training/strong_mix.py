@@ -62,13 +62,16 @@ def with_labeled_pool(strong: PseudoLabels, labeled: PseudoLabels, n_strong: int
     return {k: torch.cat((v, lab[k]), 0) for k, v in strong.items()}
 
 
-def _route(targets: PseudoLabels, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For a tile table ``src`` (B, T) of pool indices: (box index, output image, tile) for every
-    tile a box's image fills (a pool image may fill several tiles, or none)."""
+def _route(targets: PseudoLabels, src: torch.Tensor) -> tuple[PseudoLabels, torch.Tensor]:
+    """For a tile table ``src`` (B, T) of pool indices: a copy of every box for each tile its
+    pool image fills (a pool image may fill several tiles, or none), ``batch_idx`` = the output
+    image, and the tile (0..T-1) of each copy."""
     hit = targets["batch_idx"].reshape(-1, 1) == src.reshape(1, -1)  # (N, B*T)
     box, flat = hit.nonzero(as_tuple=True)
     t = src.shape[1]
-    return box, torch.div(flat, t, rounding_mode="floor"), flat % t
+    routed = select(targets, box)
+    routed["batch_idx"] = torch.div(flat, t, rounding_mode="floor").to(targets["batch_idx"].dtype)
+    return routed, flat % t
 
 
 def mosaic(
@@ -99,20 +102,17 @@ def mosaic(
     img = pool[s, :, (ys - ty * H)[:, :, None], (xs - tx * W)[:, None, :]]  # (B, H, W, C)
     img = img.permute(0, 3, 1, 2).contiguous()
 
-    out: list[PseudoLabels | None] = []
-    for t in targets:
-        if t is None:
-            out.append(None)
-            continue
-        box, i, q = _route(t, src)
+    def move(t: PseudoLabels) -> PseudoLabels:
+        m, q = _route(t, src)
+        i = m["batch_idx"]
         dx = (q % 2) * W - ox[i]
         dy = torch.div(q, 2, rounding_mode="floor") * H - oy[i]
-        moved = t["boxes"][box] + torch.stack((dx, dy, dx, dy), 1).to(t["boxes"].dtype)
-        clipped, keep = clip_and_filter(moved, W, min_size=min_size, min_visible=min_visible)
-        m = select(t, box[keep])
-        m["boxes"], m["batch_idx"] = clipped[keep], i[keep].to(t["batch_idx"].dtype)
-        out.append(m)
-    return img, out
+        clipped, keep = clip_and_filter(m["boxes"] + torch.stack((dx, dy, dx, dy), 1).to(m["boxes"].dtype), W,
+                                        min_size=min_size, min_visible=min_visible)
+        m["boxes"] = clipped
+        return select(m, keep)
+
+    return img, [None if t is None else move(t) for t in targets]
 
 
 def mixup(
@@ -131,16 +131,7 @@ def mixup(
     lam = torch.where(use, lam, torch.ones_like(lam)).to(pool.dtype)[:, None, None, None]
     img = lam * pool[:n_out] + (1 - lam) * pool[partner]
     src = torch.stack((own, torch.where(use, partner, -1)), 1)  # (B, 2): -1 matches no box
-    out: list[PseudoLabels | None] = []
-    for t in targets:
-        if t is None:
-            out.append(None)
-            continue
-        box, i, _ = _route(t, src)
-        m = select(t, box)
-        m["batch_idx"] = i.to(t["batch_idx"].dtype)
-        out.append(m)
-    return img, out
+    return img, [None if t is None else _route(t, src)[0] for t in targets]
 
 
 def mix_strong(
