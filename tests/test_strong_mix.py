@@ -114,3 +114,17 @@ def test_mix_strong_none_passes_through_and_rejects_unknown_modes():
         mix_strong("cutmix", img, t, None, img, lab, p=1.0)
     out_img, out_t, _ = mix_strong("mosaic", img, t, None, _pool(3)[1:], lab, p=1.0)
     assert out_img.shape == img.shape and (out_t["batch_idx"] < 2).all()
+
+
+@pytest.mark.parametrize("mode", ["mosaic", "mixup"])
+def test_mix_strong_with_no_pseudo_boxes_routes_only_labeled_ones(mode):
+    torch.manual_seed(1)
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long),
+             "batch_idx": torch.zeros(0, dtype=torch.long), "scores": torch.zeros(0),
+             "reliable": torch.zeros(0, dtype=torch.bool)}
+    lab = {"boxes": torch.tensor([[4.0, 4, 28, 28]]).repeat(3, 1), "labels": torch.tensor([0, 1, 2]),
+           "batch_idx": torch.arange(3)}
+    img, t, ig = mix_strong(mode, _pool(3), empty, None, _pool(3), lab, p=1.0)
+    assert img.shape == (3, 3, S, S) and ig is None
+    assert set(t) == set(empty) and (t["scores"] == 1).all() and t["reliable"].all()
+    assert (t["batch_idx"] < 3).all()
