@@ -13,9 +13,11 @@ Choices the paper leaves open (made here, and why):
 * **Mosaic without downscaling.** The four tiles sit at full size on a 2S x 2S canvas and an
   S x S window is cut at a uniform offset in [S/4, 3S/4] per axis (the tiles' meeting point in the
   window's middle half), so every composite shows at least a quarter of each tile's width and
-  height, and object sizes stay those of the strong view: at
-  160-320 px a half-size mosaic would push small objects below the finest stride. The output's
-  own strong image is one of its four tiles; the other three are drawn from the pool.
+  height, and object sizes stay those of the strong view: at 160-320 px a half-size mosaic would
+  push small objects below the finest stride. The output's own strong image is one of its four
+  tiles; the other three are drawn from the pool.
+* Measured on the demo and shapes data (docs/benchmarks.md Run 24): neither beat the plain strong
+  view on both datasets, so ``strong_mix`` is off by default.
 * **Mixup at ultralytics' Beta(32, 32)** (a blend close to half and half), both images'
   targets kept at full weight (ultralytics, YOLOv4's bag of freebies).
 * Boxes cut by the window are clipped and follow the strong view's visibility rule
