@@ -85,8 +85,8 @@ EXTRA_ROWS = {
     # Instant-Teaching's mosaic / mixup of the pseudo-labeled strong images, with the labeled ones in the pool
     "et_mosaic": ("efficient_teacher", 0.1, {"strong_mix": "mosaic"}),
     "et_mixup": ("efficient_teacher", 0.1, {"strong_mix": "mixup"}),
-    # the student's strong view without SED's three cutout passes (trainer aug strong_cutout): they were sized
-    # for 800-1333 px COCO canvases, and every pseudo box they hide is dropped (Run 5: -13% boxes per image)
+    # the student's strong view without SED's three cutout passes (trainer aug strong_cutout): each hides 2-20% of
+    # the image, small objects whole, and every pseudo box they hide is dropped (Run 5: -13% boxes per image)
     "et_no_cutout": ("efficient_teacher", 0.1, {}, {"aug": {"strong_cutout": False}}),
     "mt_no_cutout": ("mean_teacher", 0.1, {}, {"aug": {"strong_cutout": False}}),
     "et_mixup_no_cutout": ("efficient_teacher", 0.1, {"strong_mix": "mixup"}, {"aug": {"strong_cutout": False}}),

@@ -45,22 +45,20 @@ def with_labeled_pool(strong: PseudoLabels, labeled: PseudoLabels, n_strong: int
     target would (score 1, reliable, box loss on, sharp localisation, one-hot class row)."""
     n = len(labeled["labels"])
     dev = strong["boxes"].device
-    extra: PseudoLabels = {}
-    for k, v in strong.items():
-        if k in ("boxes", "labels", "batch_idx"):
-            continue
-        if k == "class_scores":
-            extra[k] = torch.nn.functional.one_hot(labeled["labels"].to(dev), v.shape[1]).to(v.dtype)
-        elif v.dtype == torch.bool:
-            extra[k] = torch.ones(n, dtype=torch.bool, device=dev)
-        else:
-            extra[k] = torch.ones(n, dtype=v.dtype, device=dev)
     lab = {
         "boxes": labeled["boxes"].to(dev, strong["boxes"].dtype),
         "labels": labeled["labels"].to(dev, strong["labels"].dtype),
         "batch_idx": labeled["batch_idx"].to(dev, strong["batch_idx"].dtype) + n_strong,
-        **extra,
     }
+    for k, v in strong.items():
+        if k in lab:
+            continue
+        if k in labeled:  # labeled_targets' own fields (score 1, reliable, box loss on)
+            lab[k] = labeled[k].to(dev, v.dtype)
+        elif k == "class_scores":
+            lab[k] = torch.nn.functional.one_hot(lab["labels"], v.shape[1]).to(v.dtype)
+        else:  # e.g. loc_quality: a perfect box is perfectly sharp
+            lab[k] = torch.ones(n, dtype=v.dtype, device=dev)
     return {k: torch.cat((v, lab[k]), 0) for k, v in strong.items()}
 
 
