@@ -193,10 +193,12 @@ def main() -> None:
     ap.add_argument("--rows", default="supervised,mean_teacher,efficient_teacher,oracle",
                     help="rows to train (finished ones are read back); two processes may split them "
                          "(SSOD_THREADS=1 each): only the one with efficient_teacher labels")
+    ap.add_argument("--data-seed", type=int, default=123,
+                    help="another value draws another dataset of the same kind (other photo crops, shapes, sizes)")
     ap.add_argument("--out", default="runs/other-data")
     args = ap.parse_args()
     out = Path(args.out).resolve()
-    data = make_dataset(out / "data", args.n_train, args.n_val, args.n_unlabeled)
+    data = make_dataset(out / "data", args.n_train, args.n_val, args.n_unlabeled, args.data_seed)
     steps = (args.n_unlabeled + 5) // args.batch  # the SSOD epoch walks the unlabeled set (5 bad files skipped)
     (out / "steps.yaml").write_text(f"steps_per_epoch: {steps}\n")
     oracle = out / "oracle.yaml"

@@ -270,7 +270,7 @@ def test_mixup_blends_and_concatenates():
 
 
 def test_cutouts_report_the_rectangles_they_erase():
-    """``erased`` receives every cutout rectangle (xyxy); inside each the image is one gray level."""
+    """``erased`` receives every cutout rectangle (xyxy, gray level); inside each the image is that gray."""
     img = np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)
     aug = StrongAug(color_jitter_p=0.0, grayscale_p=0.0, blur_p=0.0,
                     cutouts=((1.0, (0.05, 0.1), (0.5, 2.0)), (1.0, (0.05, 0.1), (0.5, 2.0))))
@@ -280,10 +280,10 @@ def test_cutouts_report_the_rectangles_they_erase():
         assert len(erased) == 2
         assert np.array_equal(out, strong_photometric(img, aug, np.random.default_rng(seed)))  # same draws
         changed = np.zeros(img.shape[:2], bool)
-        for x1, y1, x2, y2 in reversed(erased):  # a later cutout may cover part of an earlier one
+        for x1, y1, x2, y2, gray in reversed(erased):  # a later cutout may cover part of an earlier one
             region = np.zeros(img.shape[:2], bool)
             region[int(y1):int(y2), int(x1):int(x2)] = True
             own = out[region & ~changed]
-            assert region.any() and (own == own.flat[0]).all()
+            assert region.any() and (own == gray).all()
             changed |= region
         assert np.array_equal(out[~changed], img[~changed])  # nothing outside them moved

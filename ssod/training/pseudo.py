@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torchvision.ops import box_iou
 
 from ssod.training.data.batch import Batch
-from ssod.training.pseudo_geometry import clip_and_filter, map_boxes
+from ssod.training.pseudo_geometry import clip_and_filter, map_boxes, paint_rects, spare_objects
 
 if TYPE_CHECKING:
     from ssod.training.models.base import Detections, Detector
@@ -133,11 +133,21 @@ def weak_to_strong(
     under the strong view's cutouts (``erased``, when the batch has it) — are dropped too: the
     student cannot see them, and a label on a gray patch teaches hallucination. Every other
     per-box tensor in ``pseudo`` is filtered with the same mask.
+
+    Deferred cutouts (``cutouts_pending``, ``aug.strong_cutout: spare_objects``) are settled by
+    the first call of a step, against its boxes: those that alone would hide one of them are
+    dropped, the rest painted into ``unlabeled["strong"]`` and recorded in ``erased`` (the batch
+    is changed in place, once; later calls of the step see the painted view).
     """
     imgsz = int(unlabeled["strong"].shape[-1])
+    mapped = map_boxes(pseudo["boxes"], pseudo["batch_idx"], unlabeled["M_weak"], unlabeled["M_strong"])
+    pending = unlabeled.pop("cutouts_pending", None)
+    if pending is not None:
+        apply = spare_objects(pending, mapped, pseudo["batch_idx"], imgsz, min_size, min_visible)
+        unlabeled["strong"] = paint_rects(unlabeled["strong"], pending, apply)
+        unlabeled["erased"] = (pending[..., :4] * apply[..., None]).to(unlabeled["erased"])
     if pseudo["boxes"].numel() == 0:
         return {k: v for k, v in pseudo.items()}
-    mapped = map_boxes(pseudo["boxes"], pseudo["batch_idx"], unlabeled["M_weak"], unlabeled["M_strong"])
     clipped, keep = clip_and_filter(
         mapped, imgsz, min_size=min_size, min_visible=min_visible,
         erased=unlabeled.get("erased"), batch_idx=pseudo["batch_idx"],

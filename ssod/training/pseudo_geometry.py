@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["view_to_view", "map_boxes", "clip_and_filter", "erased_area", "resample_maps"]
+__all__ = ["view_to_view", "map_boxes", "clip_and_filter", "erased_area", "spare_objects", "paint_rects", "resample_maps"]
 
 
 def view_to_view(M_from: torch.Tensor, M_to: torch.Tensor) -> torch.Tensor:
@@ -75,6 +75,50 @@ def erased_area(boxes: torch.Tensor, batch_idx: torch.Tensor, erased: torch.Tens
     w = (torch.minimum(b[..., 2], r[..., 2]) - torch.maximum(b[..., 0], r[..., 0])).clamp(min=0)
     h = (torch.minimum(b[..., 3], r[..., 3]) - torch.maximum(b[..., 1], r[..., 1])).clamp(min=0)
     return (w * h).sum(1)
+
+
+def spare_objects(
+    rects: torch.Tensor, boxes: torch.Tensor, batch_idx: torch.Tensor, imgsz: int,
+    min_size: float = 2.0, min_visible: float = 0.25,
+) -> torch.Tensor:
+    """(B, K) bool: which of each image's drawn cutouts ``rects`` (B, K, >=4 xyxy; zero rows: none)
+    to apply, so that none alone makes ``clip_and_filter`` drop a pseudo box (``boxes``: mapped
+    into the view, unclipped) it would keep without cutouts.
+
+    Why: a cutout that hides an object whole turns that pseudo label into background for the
+    student; cutouts over background or over part of an object keep the occlusion the strong
+    view is there for. One (N, K) comparison for the whole batch.
+    """
+    xyxy = rects[..., :4].float()
+    drawn = (xyxy[..., 2] > xyxy[..., 0]) & (xyxy[..., 3] > xyxy[..., 1])  # (B, K)
+    if boxes.numel() == 0:
+        return drawn
+    clipped, kept = clip_and_filter(boxes, imgsz, min_size, min_visible)
+    r = xyxy.to(boxes)[batch_idx.long()]  # (N, K, 4)
+    c = clipped[:, None]
+    w = (torch.minimum(c[..., 2], r[..., 2]) - torch.maximum(c[..., 0], r[..., 0])).clamp(min=0)
+    h = (torch.minimum(c[..., 3], r[..., 3]) - torch.maximum(c[..., 1], r[..., 1])).clamp(min=0)
+    visible = ((clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1]))[:, None] - w * h
+    area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))[:, None]
+    hides = (kept[:, None] & (visible < min_visible * area)).float()  # (N, K)
+    hidden = torch.zeros(drawn.shape, device=hides.device).index_add_(0, batch_idx.long().to(hides.device), hides)
+    return drawn & (hidden.to(drawn.device) == 0)
+
+
+def paint_rects(img: torch.Tensor, rects: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
+    """``img`` (B, C, H, W) in [0, 1] with each applied rectangle of ``rects`` (B, K, 5: xyxy
+    pixels, gray level 0-255) filled with its gray level, later passes over earlier ones (the
+    order ``views.cutout`` paints in). A loop over the K passes only (three by default)."""
+    H, W = img.shape[-2:]
+    ys = torch.arange(H, device=img.device, dtype=torch.float32)[None, :, None] + 0.5  # pixel centres
+    xs = torch.arange(W, device=img.device, dtype=torch.float32)[None, None, :] + 0.5
+    r = rects.to(img.device).float()
+    apply = apply.to(img.device)
+    for k in range(r.shape[1]):
+        x1, y1, x2, y2, gray = (v[:, None, None] for v in r[:, k].unbind(-1))
+        inside = (xs >= x1) & (xs < x2) & (ys >= y1) & (ys < y2) & apply[:, k, None, None]  # (B, H, W)
+        img = torch.where(inside[:, None], (gray / 255.0).to(img.dtype)[:, None], img)
+    return img
 
 
 def resample_maps(maps: list[torch.Tensor], M_from: torch.Tensor, M_to: torch.Tensor, canvas: int) -> torch.Tensor:

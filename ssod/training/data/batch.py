@@ -25,6 +25,10 @@ Unlabeled batch (dict), produced by ``UnlabeledDataset`` + ``collate_unlabeled``
     M_weak, M_strong      float32 (B, 3, 3)
     erased                float32 (B, K, 4) the strong view's cutout rectangles, xyxy pixels
                           (zero rows: none); pseudo boxes they hide are dropped
+    cutouts_pending       float32 (B, K, 5) only with ``aug.strong_cutout: spare_objects``: the cutouts
+                          drawn but not painted (xyxy pixels, gray level 0-255); the first
+                          ``pseudo.weak_to_strong`` of the step paints those that hide no pseudo
+                          box and moves them to ``erased``
     orig_size, paths, skipped   as above
     gt_boxes, gt_cls, gt_batch_idx   hidden labels mapped into the *weak* view when the dataset
                                      has them (demo data does), else empty tensors

@@ -25,6 +25,7 @@ from ssod.training.data.batch import Batch
 from ssod.training.data.views import (
     PAD_VALUE,
     LabeledAug,
+    Rect,
     StrongAug,
     WeakAug,
     augment_hsv,
@@ -281,12 +282,13 @@ class UnlabeledDataset(_ImageSource, Dataset):
         skipped: list[tuple[str, str]] = []
         i, img, hw = self._load_fallback(i, skipped)
         S, SW = self.imgsz, self.weak_size
-        erased: list[tuple[float, float, float, float]] = []
+        erased: list[Rect] = []
         weak, M_w, strong, M_s = make_weak_strong(
             shrink(img, S), S, self.weak, self.strong, rng, orig_hw=hw, erased=erased, weak_size=SW, weak_src=img,
         )
-        rects = np.zeros((len(self.strong.cutouts), 4), np.float32)  # fixed K: zero rows erase nothing
-        rects[: len(erased)] = np.asarray(erased, np.float32).reshape(-1, 4)
+        rects = np.zeros((len(self.strong.cutouts), 5), np.float32)  # fixed K: zero rows erase nothing
+        rects[: len(erased)] = np.asarray(erased, np.float32).reshape(-1, 5)
+        deferred = self.strong.cutouts_deferred  # drawn, not painted: the trainer paints them (pseudo.py)
         sample = self.hidden.get(self.paths[i])
         if sample is not None:
             gt_boxes, gt_cls = filter_boxes(*_boxes_px(sample, hw), M_w, SW)
@@ -297,7 +299,8 @@ class UnlabeledDataset(_ImageSource, Dataset):
             "strong": _chw(strong),
             "M_weak": torch.from_numpy(M_w.astype(np.float32)),
             "M_strong": torch.from_numpy(M_s.astype(np.float32)),
-            "erased": torch.from_numpy(rects),
+            "erased": torch.from_numpy(np.zeros_like(rects[:, :4]) if deferred else rects[:, :4].copy()),
+            **({"cutouts_pending": torch.from_numpy(rects)} if deferred else {}),
             "orig_size": torch.tensor(hw, dtype=torch.int64),
             "path": self.paths[i],
             "skipped": skipped,
@@ -346,6 +349,7 @@ def collate_unlabeled(items: list[dict[str, Any]]) -> Batch:
         "M_weak": torch.stack([it["M_weak"] for it in items]).float(),
         "M_strong": torch.stack([it["M_strong"] for it in items]).float(),
         "erased": torch.stack([it["erased"] for it in items]).float(),
+        **({"cutouts_pending": torch.stack([it["cutouts_pending"] for it in items])} if "cutouts_pending" in items[0] else {}),
         "orig_size": torch.stack([it["orig_size"] for it in items]).long(),
         "paths": [it["path"] for it in items],
         "skipped": _skipped(items),

@@ -23,7 +23,7 @@ import numpy as np
 PAD_VALUE = 114  # ultralytics letterbox gray
 
 __all__ = [
-    "PAD_VALUE", "WeakAug", "GeometryAug", "StrongAug", "LabeledAug",
+    "PAD_VALUE", "Rect", "WeakAug", "GeometryAug", "StrongAug", "LabeledAug",
     "letterbox_matrix", "random_affine_matrix", "warp",
     "transform_boxes", "clip_boxes", "valid_boxes", "filter_boxes",
     "color_jitter", "to_grayscale", "blur_kernel_size", "gaussian_blur", "cutout",
@@ -85,17 +85,26 @@ class StrongAug(GeometryAug):
         (0.5, (0.02, 0.2), (0.1, 6.0)),
         (0.3, (0.02, 0.2), (0.05, 8.0)),
     )
+    # True: draw the cutouts but leave painting them to the trainer, which skips those that would
+    # hide a pseudo-labeled object (``pseudo_geometry.spare_objects``); the random draws are the same
+    cutouts_deferred: bool = False
+
+
+CUTOUT_MODES = (True, False, "spare_objects")
 
 
 def strong_aug(aug: dict, geo: dict) -> StrongAug:
     """The strong view from the config's ``aug`` block (``strong_*`` keys) and shared geometry.
     A key missing (a run saved before the key existed, resumed) keeps ``StrongAug``'s default."""
     d = StrongAug
+    mode = aug.get("strong_cutout", True)
+    if mode not in CUTOUT_MODES:
+        raise ValueError(f"aug.strong_cutout: {mode!r} is not one of true, false, spare_objects")
     return StrongAug(
         **geo, color_jitter_p=aug.get("strong_color_p", d.color_jitter_p),
         grayscale_p=aug.get("strong_gray_p", d.grayscale_p), blur_p=aug.get("strong_blur_p", d.blur_p),
         blur_sigma=tuple(aug.get("strong_blur_sigma", d.blur_sigma)),
-        cutouts=d.cutouts if aug.get("strong_cutout", True) else (),
+        cutouts=d.cutouts if mode else (), cutouts_deferred=mode == "spare_objects",
     )
 
 
@@ -295,17 +304,21 @@ def gaussian_blur(img: np.ndarray, sigma: float, ksize: int) -> np.ndarray:
     return cv2.GaussianBlur(img, (ksize, ksize), sigmaX=sigma, sigmaY=sigma)
 
 
+Rect = tuple[float, float, float, float, float]  # x1, y1, x2, y2 (pixels), gray level 0-255
+
+
 def cutout(
     img: np.ndarray, area: tuple[float, float], ratio: tuple[float, float],
-    rng: np.random.Generator, erased: list[tuple[float, float, float, float]] | None = None,
+    rng: np.random.Generator, erased: list[Rect] | None = None, paint: bool = True,
 ) -> np.ndarray:
     """Erase one random rectangle (RandomErasing's area/aspect sampling, 10 tries).
 
     The fill is one uniformly random gray level per rectangle: a constant patch hides the
     content like torchvision's per-pixel noise does, costs nothing and, unlike the dataset
     mean (~114, the pad colour), cannot be confused with the letterbox border. The erased
-    rectangle (xyxy pixels) is appended to ``erased`` when given, so that pseudo boxes it hides
-    can be dropped (``pseudo.weak_to_strong``): a label on a gray patch teaches hallucination.
+    rectangle (xyxy pixels and its gray level) is appended to ``erased`` when given, so that
+    pseudo boxes it hides can be dropped (``pseudo.weak_to_strong``): a label on a gray patch
+    teaches hallucination. ``paint=False`` only draws and records it (deferred cutouts).
     """
     H, W = img.shape[:2]
     log_r = (math.log(ratio[0]), math.log(ratio[1]))
@@ -317,17 +330,19 @@ def cutout(
         if 0 < h < H and 0 < w < W:
             y = int(rng.integers(0, H - h + 1))
             x = int(rng.integers(0, W - w + 1))
-            out = img.copy()
-            out[y:y + h, x:x + w] = int(rng.integers(0, 256))
+            gray = int(rng.integers(0, 256))
             if erased is not None:
-                erased.append((float(x), float(y), float(x + w), float(y + h)))
+                erased.append((float(x), float(y), float(x + w), float(y + h), float(gray)))
+            if not paint:
+                return img
+            out = img.copy()
+            out[y:y + h, x:x + w] = gray
             return out
     return img
 
 
 def strong_photometric(
-    img: np.ndarray, aug: StrongAug, rng: np.random.Generator,
-    erased: list[tuple[float, float, float, float]] | None = None,
+    img: np.ndarray, aug: StrongAug, rng: np.random.Generator, erased: list[Rect] | None = None,
 ) -> np.ndarray:
     """SED's photometric chain: colour jitter, grayscale, blur, then the cutout passes (their
     rectangles appended to ``erased`` when given)."""
@@ -343,7 +358,7 @@ def strong_photometric(
         img = gaussian_blur(img, sigma, blur_kernel_size(size))
     for p, area, ratio in aug.cutouts:
         if rng.random() < p:
-            img = cutout(img, area, ratio, rng, erased)
+            img = cutout(img, area, ratio, rng, erased, paint=not aug.cutouts_deferred)
     return img
 
 
@@ -393,7 +408,7 @@ def make_weak_strong(
     strong: StrongAug,
     rng: np.random.Generator,
     orig_hw: tuple[int, int] | None = None,
-    erased: list[tuple[float, float, float, float]] | None = None,
+    erased: list[Rect] | None = None,
     weak_size: int | None = None,
     weak_src: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -300,6 +300,9 @@ class Trainer:
         unlabeled = _to_device(unlabeled, self.device) if unlabeled is not None else None
         with torch.autocast(self.device.type, enabled=self.use_amp):
             losses = self.method.losses(labeled, unlabeled, self.student, self.teacher)
+        if unlabeled is not None and "cutouts_pending" in unlabeled and not self.method.burn_in:
+            raise ValueError(f"aug.strong_cutout: spare_objects needs a method that places its pseudo boxes with "
+                             f"pseudo.weak_to_strong; {self.method.name} does not: use true or false")
         total = sum(losses.values())
         if not is_finite(total):
             parts = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())

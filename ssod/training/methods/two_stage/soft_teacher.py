@@ -107,8 +107,8 @@ class SoftTeacher(SeededStepMethod):
     # --------------------------------------------------------------------------- step
     def unsupervised_losses(self, unlabeled: Batch, student: "Detector", teacher: "Detector") -> dict[str, Tensor]:
         c = self.cfg
-        weak_img, strong_img = unlabeled["weak"], unlabeled["strong"]
-        device, bu, imgsz = weak_img.device, int(weak_img.shape[0]), int(strong_img.shape[-1])
+        weak_img = unlabeled["weak"]
+        device, bu, imgsz = weak_img.device, int(weak_img.shape[0]), int(unlabeled["strong"].shape[-1])
 
         # 1. teacher: detections, jitter variance (one backbone pass on the weak view, kept for BG-T)
         with eval_mode(teacher):
@@ -127,6 +127,7 @@ class SoftTeacher(SeededStepMethod):
         self.meter.add_quality("pl", select(weak, weak["is_cls"]), unlabeled, iou=c["quality_iou"])
         self.meter.add_quality("pl_reg", select(weak, weak["is_reg"]), unlabeled, iou=c["quality_iou"])
         strong = weak_to_strong(weak, unlabeled, c["min_box_size"], c["min_visible"])
+        strong_img = unlabeled["strong"]  # read after weak_to_strong: it paints deferred cutouts
         g_cls = pseudo_targets(select(strong, strong["is_cls"]), bu)
         g_reg = pseudo_targets(select(strong, strong["is_reg"]), bu)
         n_cls, n_reg = int(strong["is_cls"].sum()), int(strong["is_reg"].sum())
