@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["view_to_view", "map_boxes", "clip_and_filter", "erased_area", "spare_objects", "paint_rects", "resample_maps"]
+__all__ = ["view_to_view", "map_boxes", "clip_and_filter", "erased_area", "rect_overlaps", "spare_objects", "paint_rects", "resample_maps"]
 
 
 def view_to_view(M_from: torch.Tensor, M_to: torch.Tensor) -> torch.Tensor:
@@ -70,11 +70,16 @@ def erased_area(boxes: torch.Tensor, batch_idx: torch.Tensor, erased: torch.Tens
     """
     if boxes.numel() == 0:
         return boxes.new_zeros(0)
-    r = erased.to(boxes)[batch_idx.long()]  # (N, K, 4)
+    return rect_overlaps(boxes, batch_idx, erased).sum(1)
+
+
+def rect_overlaps(boxes: torch.Tensor, batch_idx: torch.Tensor, rects: torch.Tensor) -> torch.Tensor:
+    """(N, K) area of each xyxy box (N, 4) inside each rectangle of its image ``rects`` (B, K, >=4)."""
+    r = rects[..., :4].to(boxes)[batch_idx.long()]  # (N, K, 4)
     b = boxes[:, None]
     w = (torch.minimum(b[..., 2], r[..., 2]) - torch.maximum(b[..., 0], r[..., 0])).clamp(min=0)
     h = (torch.minimum(b[..., 3], r[..., 3]) - torch.maximum(b[..., 1], r[..., 1])).clamp(min=0)
-    return (w * h).sum(1)
+    return w * h
 
 
 def spare_objects(
@@ -94,11 +99,8 @@ def spare_objects(
     if boxes.numel() == 0:
         return drawn
     clipped, kept = clip_and_filter(boxes, imgsz, min_size, min_visible)
-    r = xyxy.to(boxes)[batch_idx.long()]  # (N, K, 4)
-    c = clipped[:, None]
-    w = (torch.minimum(c[..., 2], r[..., 2]) - torch.maximum(c[..., 0], r[..., 0])).clamp(min=0)
-    h = (torch.minimum(c[..., 3], r[..., 3]) - torch.maximum(c[..., 1], r[..., 1])).clamp(min=0)
-    visible = ((clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1]))[:, None] - w * h
+    visible = ((clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1]))[:, None]
+    visible = visible - rect_overlaps(clipped, batch_idx, xyxy)
     area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))[:, None]
     hides = (kept[:, None] & (visible < min_visible * area)).float()  # (N, K)
     hidden = torch.zeros(drawn.shape, device=hides.device).index_add_(0, batch_idx.long().to(hides.device), hides)
