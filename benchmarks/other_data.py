@@ -1,6 +1,6 @@
 """ssod on data unlike the demo: train -> export -> label, end to end, through the CLI.
 
-    python benchmarks/other_data.py [--epochs 20] [--burn-in 10] [--imgsz 256] [--out runs/other-data]
+    python benchmarks/other_data.py [--epochs 20] [--burn-in 10] [--imgsz 256] [--data-seed 123] [--out runs/other-data]
 
 The default budget is one where labels matter (the oracle +4.8 mAP50-95 over supervised) and the
 teacher at the switch is usable (0.65); at 8 epochs (burn-in 4) the oracle was only +1.6 ahead and
