@@ -59,7 +59,7 @@ def test_deferred_cutouts_draw_what_the_loader_would_paint():
     painted_aug = StrongAug(**kw)
     deferred_aug = StrongAug(**kw, cutouts_deferred=True)
     for seed in range(6):
-        painted, deferred, rects = [], [], []
+        painted, deferred = [], []
         out_p = strong_photometric(img, painted_aug, np.random.default_rng(seed), painted)
         out_d = strong_photometric(img, deferred_aug, np.random.default_rng(seed), deferred)
         assert painted == deferred and np.array_equal(out_d, img)
@@ -72,7 +72,7 @@ def test_deferred_cutouts_draw_what_the_loader_would_paint():
 
 
 def test_weak_to_strong_settles_pending_cutouts_once():
-    eye = torch.eye(3)[None].repeat(1, 1, 1)
+    eye = torch.eye(3)[None]
     strong = torch.rand(1, 3, S, S)
     u = {"weak": strong.clone(), "strong": strong.clone(), "M_weak": eye, "M_strong": eye.clone(),
          "erased": torch.zeros(1, 2, 4),
