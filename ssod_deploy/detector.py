@@ -14,6 +14,7 @@ output format (e.g. a Faster R-CNN's boxes/scores/labels) registers a function, 
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import threading
@@ -301,15 +302,20 @@ class Detector:
         sessions run the model ~5% faster than 1 x 2 threads, and waste far less of the CPU
         when image decoding shares the cores). A detector loaded with ``lane_threads(...)``
         threads is itself the first lane, so no session is loaded only to be thrown away."""
+        return [make() for make in self.cpu_lane_makers(lanes)]
+
+    def cpu_lane_makers(self, lanes: int = 2) -> list[Callable[[], "Detector"]]:
+        """``cpu_lanes`` as zero-argument builders, so each lane's session can load in the thread
+        that will run it: ``ssod label`` starts its first lane while the others load."""
         from ssod_deploy.backends.onnxruntime import available_cores
 
         cores = available_cores()
         if lanes < 2 or cores < 2 or not getattr(self.backend, "cpu_only", False):
-            return [self]
+            return [lambda: self]
         lanes = min(lanes, cores)
-        first = [self] if self.threads == cores // lanes else []
-        return first + [Detector(self.model_path, threads=cores // lanes, **self._init_args)
-                        for _ in range(lanes - len(first))]
+        first = [lambda: self] if self.threads == cores // lanes else []
+        make = functools.partial(Detector, self.model_path, threads=cores // lanes, **self._init_args)
+        return first + [make] * (lanes - len(first))
 
     def __repr__(self) -> str:
         m = self.metadata

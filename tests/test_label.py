@@ -322,10 +322,12 @@ def test_resume_after_injected_crash_is_byte_identical(folder: Path, reference: 
     assert sorted(idx) == list(range(16))  # nothing redone, nothing duplicated
 
 
+@pytest.mark.parametrize("failure", ["infer", "load"])
 def test_a_failing_lane_stops_the_run_and_resume_completes_it(folder: Path, reference: Path, tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    """With two inference lanes, an error in the second lane's thread reaches the caller (no
-    hang, no silent loss) and --resume finishes the run to the same bytes as one clean run."""
+                                                              monkeypatch: pytest.MonkeyPatch, failure: str) -> None:
+    """With two inference lanes, an error in the second lane's thread (inferring, or loading its
+    session there) reaches the caller (no hang, no silent loss) and --resume finishes the run to
+    the same bytes as one clean run."""
     from ssod_deploy.label import pipeline
 
     class Broken(FakeDetector):
@@ -333,9 +335,13 @@ def test_a_failing_lane_stops_the_run_and_resume_completes_it(folder: Path, refe
             time.sleep(0.02)
             raise RuntimeError("lane 1 device lost")
 
+    def cannot_load() -> FakeDetector:
+        time.sleep(0.02)
+        raise RuntimeError("lane 1 device lost while loading")
+
     class Laned(FakeDetector):
-        def cpu_lanes(self, lanes: int = 2):
-            return [FakeDetector(delay=0.02), Broken()]
+        def cpu_lane_makers(self, lanes: int = 2):
+            return [lambda: FakeDetector(delay=0.02), Broken if failure == "infer" else cannot_load]
 
     out = tmp_path / "laned"
     monkeypatch.setattr(pipeline, "_load_detector", lambda *a, **k: Laned())

@@ -12,6 +12,7 @@ On a CPU, ``Detector.cpu_lanes`` gives two inference lanes (main thread + one mo
 with its own ONNX Runtime session on half the cores: one lane prepares its next batch while the
 other runs, and no session's threads spin idle while the decoders need the cores. The price is
 a second set of activations (``--lanes 1`` to save it; docs/benchmarks.md has the figures).
+The second lane loads its session in its own thread while the first one already works.
 
 Determinism. The file list is split into fixed *chunks* of ``batch`` images by position in
 the full sorted list; a chunk is always inferred as one batch (minus its unreadable files),
@@ -34,7 +35,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -371,7 +372,8 @@ def _to_original(tau1: np.ndarray, tau2: np.ndarray, loaded: _Loaded,
 
 
 def _run_chunks(
-    dets: Sequence[Any],
+    det: Any,
+    more_lanes: Sequence[Callable[[], Any]],
     items: Sequence[Item],
     chunks: Sequence[int],
     batch: int,
@@ -383,12 +385,13 @@ def _run_chunks(
 ) -> None:
     """The inference loop: decode ahead in the pool, infer chunk after chunk, hand outputs on.
 
-    One inference lane per detector in ``dets`` (``Detector.cpu_lanes``): each lane takes the
-    next decoded chunk and infers it as one batch, so lanes change which thread runs a chunk,
-    never what the chunk's batch holds. Lane 0 is this thread; a failure in any lane stops all.
+    Lane 0 is ``det`` on this thread; each of ``more_lanes`` (``Detector.cpu_lane_makers``) builds
+    its detector on a thread of its own and joins in once loaded. Each lane takes the next decoded
+    chunk and infers it as one batch, so lanes change which thread runs a chunk, never what the
+    chunk's batch holds. A failure in any lane (loading included) stops all.
     """
-    imgsz = int(dets[0].metadata.imgsz)
-    letterbox_one = dets[0].letterbox_one  # depends on the metadata only: the same in every lane
+    imgsz = int(det.metadata.imgsz)
+    letterbox_one = det.letterbox_one  # depends on the metadata only: the same in every lane
     vis_lock = threading.Lock()
     vis_claimed = 0
 
@@ -452,22 +455,22 @@ def _run_chunks(
                     del inputs
                 output.put(_Batch(results, raw))
 
-        def side_lane(det: Any) -> None:
+        def side_lane(make: Callable[[], Any]) -> None:
             try:
-                lane(det)
+                lane(make())
             except BaseException as e:  # noqa: BLE001 -- re-raised on the main thread
                 errors.append(e)
                 stop.set()
 
         with take_lock:
-            for _ in range(PREFETCH + len(dets)):
+            for _ in range(PREFETCH + 1 + len(more_lanes)):
                 submit_next()
-        side = [threading.Thread(target=side_lane, args=(d,), name=f"ssod-lane{k}", daemon=True)
-                for k, d in enumerate(dets[1:], 1)]
+        side = [threading.Thread(target=side_lane, args=(m,), name=f"ssod-lane{k}", daemon=True)
+                for k, m in enumerate(more_lanes, 1)]
         try:
             for t in side:
                 t.start()
-            lane(dets[0])
+            lane(det)
         except BaseException:
             stop.set()
             raise
@@ -605,16 +608,16 @@ def label_images(
     t0 = time.perf_counter()
     bar = _Progress(n_todo, progress)
     # a caller's own detector runs as given; one we loaded may split the CPU into lanes
-    split = detector is None and hasattr(det, "cpu_lanes") and n_lanes != 1
-    dets = det.cpu_lanes(n_lanes) if split else [det]
-    det = dets[0]  # a full-core session (a GPU install that fell back to the CPU) is released
-    if len(dets) > 1:
-        LOG.info("%d CPU inference lanes, one session each (--lanes 1: one session on every core)", len(dets))
+    split = detector is None and hasattr(det, "cpu_lane_makers") and n_lanes != 1
+    makers = det.cpu_lane_makers(n_lanes) if split else [lambda: det]
+    det = makers[0]()  # a full-core session (a GPU install that fell back to the CPU) is released
+    if len(makers) > 1:
+        LOG.info("%d CPU inference lanes, one session each (--lanes 1: one session on every core)", len(makers))
     output = _OutputThread(det, items, done, jwriter, tau1, tau2, vis_dir, names, bar)
     output.start()
     try:
         try:
-            _run_chunks(dets, items, todo_chunks, batch, done, output, workers, int(max_pixels),
+            _run_chunks(det, makers[1:], items, todo_chunks, batch, done, output, workers, int(max_pixels),
                         max(0, int(save_vis) - vis_have))
         finally:
             try:
