@@ -977,3 +977,40 @@ def test_two_epoch_run_saves_thresholds_in_checkpoint(tiny_cfg):
     # the trainer tells the method how far past the switch each step is: the ramp's first half
     lam = trainer.method.cfg["lambda_u"]
     assert sigmoid_rampup(0.0, 2.0) * lam < float(row["train/lambda_u"]) < sigmoid_rampup(1.0, 2.0) * lam
+
+
+def test_gmm_thresholds_find_the_two_score_populations() -> None:
+    """Consistent-Teacher's rule on a known mixture: many low-scored background boxes and fewer
+    objects scored high. tau2 must land on the object mean, tau1 where the posterior of the
+    objects crosses 1/2 (solved here from the true parameters); a class with too few scores
+    keeps its thresholds; a unimodal class must not crash."""
+    import math
+
+    from ssod.training.methods.efficient_teacher.adaptor import GMM_MIN_BOXES, gmm_thresholds
+
+    g = torch.Generator().manual_seed(0)
+    bins = 1000
+    (mn, sn, nn), (mp, sp, npos) = (0.15, 0.05, 30000), (0.75, 0.08, 8000)
+    scores = torch.cat((mn + sn * torch.randn(nn, generator=g), mp + sp * torch.randn(npos, generator=g))).clamp(0.05, 1)
+    a = EpochAdaptor(3, tau1=0.1, tau2=0.6, bins=bins, rule="gmm", tau2_bounds=(0.2, 0.95))
+    labels = torch.zeros_like(scores, dtype=torch.long)
+    few = torch.full((GMM_MIN_BOXES - 1,), 0.9)
+    uni = (0.5 + 0.05 * torch.randn(5000, generator=g)).clamp(0, 1)
+    a.observe(torch.cat((scores, few, uni)), torch.cat((labels, torch.ones(len(few), dtype=torch.long),
+                                                       torch.full((len(uni),), 2, dtype=torch.long))), 1000)
+    assert a.update()  # no class counts needed by this rule
+    # P(pos | s) = 1/2 where the two weighted normal densities are equal (the root between the means)
+    def diff(s: float) -> float:
+        return (math.log(npos / sp) - 0.5 * ((s - mp) / sp) ** 2) - (math.log(nn / sn) - 0.5 * ((s - mn) / sn) ** 2)
+    lo, hi = mn, mp
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if diff(mid) < 0 else (lo, mid)
+    assert abs(float(a.tau2[0]) - mp) < 0.01
+    assert abs(float(a.tau1[0]) - lo) < 0.01
+    assert (float(a.tau1[1]), float(a.tau2[1])) == (0.1, 0.6)  # too few boxes: unchanged
+    assert 0.05 <= float(a.tau1[2]) < float(a.tau2[2]) <= 0.95 and math.isfinite(float(a.tau2[2]))
+    b, m = gmm_thresholds(torch.zeros(2, bins))
+    assert b.tolist() == [0.0, 0.0] and m.tolist() == [0.0, 0.0]
+    with pytest.raises(ValueError, match="threshold rule"):
+        EpochAdaptor(1, rule="otsu")

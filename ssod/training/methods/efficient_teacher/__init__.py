@@ -43,7 +43,12 @@ from torch import nn
 from ssod.training.data.batch import Batch
 from ssod.training.engine.hooks import Hook
 from ssod.training.methods.base import Method, register_method
-from ssod.training.methods.efficient_teacher.adaptor import DomainDiscriminator, EpochAdaptor, shrunk_class_counts
+from ssod.training.methods.efficient_teacher.adaptor import (
+    THRESHOLD_RULES,
+    DomainDiscriminator,
+    EpochAdaptor,
+    shrunk_class_counts,
+)
 from ssod.training.methods.efficient_teacher.assigner import (
     PseudoLabelAssigner,
     class_maps,
@@ -105,6 +110,7 @@ class EfficientTeacher(Method):
         "unsup_background": ("zero", "teacher"),
         "pseudo_source": ("teacher", "hidden_labels", "teacher_true"),
         "class_prior": ("labeled", "shrunk"),
+        "threshold_rule": THRESHOLD_RULES,
         "uncertain_targets": ("soft", "ignore", "vector"),
         "strong_mix": MIX_MODES,
     }
@@ -145,7 +151,7 @@ class EfficientTeacher(Method):
             self.names = list(names)
             self.adaptor = EpochAdaptor(
                 len(names), c["tau1"], c["tau2"], c["alpha"], c["hist_bins"],
-                c["tau1_bounds"], c["tau2_bounds"], c["tau_gap"], c["beta"],
+                c["tau1_bounds"], c["tau2_bounds"], c["tau_gap"], c["beta"], c["threshold_rule"],
             )
             if self._pending_state:
                 self.adaptor.load_state_dict(self._pending_state)
@@ -299,7 +305,8 @@ class EfficientTeacher(Method):
                 "efficient_teacher: domain_adaptation is on but extra_modules(student) was never called; "
                 "its discriminator must be built and given to the optimizer before training"
             )
-        if self.cfg["adaptive_thresholds"] and adaptor.class_counts is None and not self._warned:
+        if (self.cfg["adaptive_thresholds"] and c["threshold_rule"] == "counts" and adaptor.class_counts is None
+                and not self._warned):
             LOG.warning(
                 "efficient_teacher: no labeled class counts (set_dataset was not called); thresholds stay fixed"
             )

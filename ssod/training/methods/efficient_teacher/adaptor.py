@@ -25,6 +25,20 @@ sample gets a short target, high thresholds and too few pseudo labels. ``shrunk_
 how much of the spread between classes its sampling noise explains, and no more. Off by default:
 on two demo draws and the shapes data it moved mAP50-95 by -0.1 to +0.1 (docs/benchmarks.md Run 20).
 
+Threshold rule ``gmm`` (Consistent-Teacher, seed 004 slides: "GMM dynamically determines the
+threshold"), instead of the class counts: per class, a two-component 1-D Gaussian mixture is
+fitted to the epoch's teacher scores (the same histogram; weighted EM on the bin centres, all
+classes at once), the component with the higher mean being the true objects. The slides give one
+threshold, tau^c = argmax_s P(pos | s); Consistent-Teacher's code ("high" policy) takes about the
+positive component's mean. PLA needs two, so: tau2 = the positive mean (the surest half of the
+objects the mixture finds are reliable) and tau1 = the score where P(pos | s) rises through 1/2
+below that mean (every box more likely an object than not is at least uncertain). The labeled
+class counts are not used. Choices the slides leave open, made here: thresholds once per epoch
+from the whole epoch's scores (the paper refits per batch; an epoch gives a steadier fit at the
+Epoch Adaptor's cadence), means initialised at the lowest and highest score seen (as its code
+does), EM until the means move < 1e-6 (at most 200 steps), variances floored at a bin's width, and a class with fewer than
+``GMM_MIN_BOXES`` scores keeps its previous thresholds. The same bounds and gap apply.
+
 Domain adaptation. A small discriminator on each neck level (1x1 conv, SiLU, global average
 pool, linear) classifies labeled (0) vs unlabeled strong-view (1) images behind a gradient
 reversal layer, so the features are pushed to be domain-invariant (seed 004, weight 0.1).
@@ -40,7 +54,10 @@ from torch import nn
 
 from ssod.training.methods.grl import grad_reverse
 
-__all__ = ["EpochAdaptor", "threshold_for_count", "shrunk_class_counts", "DomainDiscriminator"]
+__all__ = ["EpochAdaptor", "threshold_for_count", "gmm_thresholds", "shrunk_class_counts", "DomainDiscriminator"]
+
+THRESHOLD_RULES = ("counts", "gmm")
+GMM_MIN_BOXES = 20  # fewer scores than this in an epoch: no mixture is fitted for the class
 
 
 def shrunk_class_counts(per_image: torch.Tensor) -> torch.Tensor:
@@ -103,6 +120,47 @@ def threshold_for_count(hist: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     return s.clamp(0.0, 1.0)
 
 
+def gmm_thresholds(hist: torch.Tensor, iters: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``hist`` (C, bins) over [0, 1]: (boundary, positive mean) of a 2-Gaussian mixture.
+
+    EM with the bin counts as weights, vectorised over rows. ``boundary``: the lowest score
+    below the positive mean from which up to that mean the positive component's posterior
+    stays >= 1/2 (a bin's lower edge). Rows without scores give (0, 0); callers check counts.
+    """
+    c, bins = hist.shape
+    w = hist.double()
+    x = (torch.arange(bins, dtype=torch.float64, device=w.device) + 0.5) / bins
+    has = w > 0
+    lo = torch.where(has, x, torch.full_like(x, 2.0)).amin(1).clamp(max=1.0)
+    hi = torch.where(has, x, torch.full_like(x, -1.0)).amax(1).clamp(min=0.0)
+    mu = torch.stack((lo, hi), 1)  # (C, 2): negative, positive
+    floor = 1.0 / bins**2
+    var = ((hi - lo) / 4).pow(2).clamp(min=floor)[:, None].repeat(1, 2)
+    pi = torch.full((c, 2), 0.5, dtype=torch.float64, device=w.device)
+    d = x[None, None, :]
+    for _ in range(iters):
+        logp = -0.5 * (d - mu[..., None]).pow(2) / var[..., None] - 0.5 * var.log()[..., None] + pi.log()[..., None]
+        rw = torch.softmax(logp, 1) * w[:, None, :]  # (C, 2, bins) responsibilities x counts
+        nk = rw.sum(2).clamp(min=1e-12)
+        mu, last = (rw * d).sum(2) / nk, mu
+        var = ((rw * (d - mu[..., None]).pow(2)).sum(2) / nk).clamp(min=floor)
+        pi = (nk / nk.sum(1, keepdim=True)).clamp(min=1e-12)
+        if float((mu - last).abs().max()) < 1e-6:  # converged (well-separated scores: ~20-40 steps)
+            break
+    pos = mu.argmax(1)  # the component with the higher mean is the objects
+    rows = torch.arange(c, device=w.device)
+    logp = -0.5 * (d - mu[..., None]).pow(2) / var[..., None] - 0.5 * var.log()[..., None] + pi.log()[..., None]
+    post = torch.softmax(logp, 1)[rows, pos]  # (C, bins) P(pos | s)
+    mu_pos = mu[rows, pos]
+    below = (post < 0.5) & (x[None, :] < mu_pos[:, None])
+    idx = torch.arange(bins, device=w.device).expand(c, bins)
+    last_below = torch.where(below, idx, torch.full_like(idx, -1)).amax(1)
+    boundary = (last_below + 1).double() / bins
+    empty = ~has.any(1)
+    zero = torch.zeros_like(mu_pos)
+    return torch.where(empty, zero, boundary.minimum(mu_pos)), torch.where(empty, zero, mu_pos)
+
+
 class EpochAdaptor:
     """Per-class (tau1, tau2) recomputed each epoch from the teacher's score histogram."""
 
@@ -117,7 +175,10 @@ class EpochAdaptor:
         tau2_bounds: Sequence[float] = (0.2, 0.9),
         gap: float = 0.05,
         beta: float = 1.0,
+        rule: str = "counts",
     ):
+        if rule not in THRESHOLD_RULES:
+            raise ValueError(f"Epoch Adaptor threshold rule must be one of {', '.join(THRESHOLD_RULES)}, got {rule!r}")
         if not 0 < alpha <= 1:
             raise ValueError(f"Epoch Adaptor alpha must be in (0, 1], got {alpha}")
         if not 0 < beta <= 10:
@@ -125,6 +186,7 @@ class EpochAdaptor:
         self.nc = int(num_classes)
         self.default = (float(tau1), float(tau2))
         self.alpha, self.beta = float(alpha), float(beta)
+        self.rule = rule
         self.bins = int(bins)
         self.tau1_bounds = (float(tau1_bounds[0]), float(tau1_bounds[1]))
         self.tau2_bounds = (float(tau2_bounds[0]), float(tau2_bounds[1]))
@@ -167,18 +229,25 @@ class EpochAdaptor:
 
     def update(self) -> bool:
         """Recompute thresholds from this epoch's histogram and reset it; False if nothing to use."""
-        if self.class_counts is None or self.images == 0:
+        if (self.rule == "counts" and self.class_counts is None) or self.images == 0:
             self.reset()
             return False
-        t = self.targets()
-        t1 = threshold_for_count(self.hist, self.beta * t)
-        t2 = threshold_for_count(self.hist, self.alpha * t)
+        if self.rule == "gmm":
+            t1, t2 = gmm_thresholds(self.hist)
+            seen = self.hist.sum(1) >= GMM_MIN_BOXES
+            keep1, keep2 = self.tau1, self.tau2  # too few scores to fit: the previous thresholds
+        else:
+            t = self.targets()
+            t1 = threshold_for_count(self.hist, self.beta * t)
+            t2 = threshold_for_count(self.hist, self.alpha * t)
+            seen = self.hist.sum(1) > 0
+            keep1 = torch.full_like(self.tau1, self.default[0])
+            keep2 = torch.full_like(self.tau2, self.default[1])
         t1 = t1.clamp(*self.tau1_bounds)
         lo2 = torch.clamp(t1 + self.gap, min=self.tau2_bounds[0])
         t2 = torch.minimum(torch.maximum(t2, lo2), torch.tensor(self.tau2_bounds[1], dtype=torch.float64))
-        seen = self.hist.sum(1) > 0
-        self.tau1 = torch.where(seen, t1, torch.tensor(self.default[0], dtype=torch.float64))
-        self.tau2 = torch.where(seen, t2, torch.tensor(self.default[1], dtype=torch.float64))
+        self.tau1 = torch.where(seen, t1, keep1)
+        self.tau2 = torch.where(seen, t2, keep2)
         self.reset()
         return True
 
