@@ -36,8 +36,9 @@ below that mean (every box more likely an object than not is at least uncertain)
 class counts are not used. Choices the slides leave open, made here: thresholds once per epoch
 from the whole epoch's scores (the paper refits per batch; an epoch gives a steadier fit at the
 Epoch Adaptor's cadence), means initialised at the lowest and highest score seen (as its code
-does), EM until the means move < 1e-6 (at most 200 steps), variances floored at a bin's width, and a class with fewer than
-``GMM_MIN_BOXES`` scores keeps its previous thresholds. The same bounds and gap apply.
+does), EM until the means move < 1e-6 (at most 200 steps), standard deviations floored at a bin's
+width, and a class with fewer than ``GMM_MIN_BOXES`` scores keeps its previous thresholds. The
+same bounds and gap apply.
 
 Domain adaptation. A small discriminator on each neck level (1x1 conv, SiLU, global average
 pool, linear) classifies labeled (0) vs unlabeled strong-view (1) images behind a gradient
@@ -138,9 +139,13 @@ def gmm_thresholds(hist: torch.Tensor, iters: int = 200) -> tuple[torch.Tensor, 
     var = ((hi - lo) / 4).pow(2).clamp(min=floor)[:, None].repeat(1, 2)
     pi = torch.full((c, 2), 0.5, dtype=torch.float64, device=w.device)
     d = x[None, None, :]
-    for _ in range(iters):
+
+    def responsibilities() -> torch.Tensor:  # (C, 2, bins): P(component | bin centre)
         logp = -0.5 * (d - mu[..., None]).pow(2) / var[..., None] - 0.5 * var.log()[..., None] + pi.log()[..., None]
-        rw = torch.softmax(logp, 1) * w[:, None, :]  # (C, 2, bins) responsibilities x counts
+        return torch.softmax(logp, 1)
+
+    for _ in range(iters):
+        rw = responsibilities() * w[:, None, :]
         nk = rw.sum(2).clamp(min=1e-12)
         mu, last = (rw * d).sum(2) / nk, mu
         var = ((rw * (d - mu[..., None]).pow(2)).sum(2) / nk).clamp(min=floor)
@@ -149,8 +154,7 @@ def gmm_thresholds(hist: torch.Tensor, iters: int = 200) -> tuple[torch.Tensor, 
             break
     pos = mu.argmax(1)  # the component with the higher mean is the objects
     rows = torch.arange(c, device=w.device)
-    logp = -0.5 * (d - mu[..., None]).pow(2) / var[..., None] - 0.5 * var.log()[..., None] + pi.log()[..., None]
-    post = torch.softmax(logp, 1)[rows, pos]  # (C, bins) P(pos | s)
+    post = responsibilities()[rows, pos]  # (C, bins) P(pos | s)
     mu_pos = mu[rows, pos]
     below = (post < 0.5) & (x[None, :] < mu_pos[:, None])
     idx = torch.arange(bins, device=w.device).expand(c, bins)
