@@ -1014,3 +1014,27 @@ def test_gmm_thresholds_find_the_two_score_populations() -> None:
     assert b.tolist() == [0.0, 0.0] and m.tolist() == [0.0, 0.0]
     with pytest.raises(ValueError, match="threshold rule"):
         EpochAdaptor(1, rule="otsu")
+
+
+def test_ld_weight_adds_a_distillation_term_with_the_teachers_edges(student, monkeypatch):
+    """``ld_weight`` > 0: the unlabeled targets carry the teacher's edge distributions (mapped into
+    the strong view) and the step gains a finite ``unsup_ld``; off (the default), neither. LD with
+    strong_mix is a config error (a composite does not carry the distributions)."""
+    student = copy.deepcopy(student).train()
+    teacher = _confident_teacher(student)
+    for weight in (0.0, 1.0):
+        labeled, unlabeled = _batches()
+        calls = _spy_assigner(monkeypatch)
+        m = build_method("efficient_teacher", {"domain_adaptation": False, "ld_weight": weight})
+        m.set_label_statistics([2, 1, 0], 2, names=NAMES)
+        m.start_epoch()
+        losses = m.losses(labeled, unlabeled, student, teacher)
+        t = calls[1]["targets"]
+        assert len(t["boxes"]) > 0
+        if weight:
+            assert t["edge_support"].shape == (len(t["boxes"]), 4, int(student.reg_max))
+            assert torch.isfinite(losses["unsup_ld"]) and float(losses["unsup_ld"]) > 0
+        else:
+            assert "edge_support" not in t and "unsup_ld" not in losses
+    with pytest.raises(ValueError, match="ld_weight"):
+        build_method("efficient_teacher", {"ld_weight": 1.0, "strong_mix": "mixup"})

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torchvision.ops import box_iou
 
 from ssod.training.data.batch import Batch
-from ssod.training.pseudo_geometry import clip_and_filter, map_boxes, paint_rects, spare_objects
+from ssod.training.pseudo_geometry import clip_and_filter, map_boxes, map_edge_support, paint_rects, spare_objects
 
 if TYPE_CHECKING:
     from ssod.training.models.base import Detections, Detector
@@ -120,7 +120,10 @@ def on_enlarged(
     h, w = img.shape[-2:]
     size = (enlarged_side(h, scale, multiple), enlarged_side(w, scale, multiple))
     d = detect(F.interpolate(img, size=size, mode="bilinear", align_corners=False))
-    d["boxes"] = d["boxes"] * d["boxes"].new_tensor([w / size[1], h / size[0]] * 2)
+    back = [w / size[1], h / size[0]] * 2
+    d["boxes"] = d["boxes"] * d["boxes"].new_tensor(back)
+    if "edge_support" in d:  # per-edge pixel coordinates (Localization Distillation) scale like the boxes
+        d["edge_support"] = d["edge_support"] * d["edge_support"].new_tensor(back)[:, None]
     return d
 
 
@@ -132,7 +135,8 @@ def weak_to_strong(
     Boxes with less than ``min_visible`` of their mapped area left visible — outside the view or
     under the strong view's cutouts (``erased``, when the batch has it) — are dropped too: the
     student cannot see them, and a label on a gray patch teaches hallucination. Every other
-    per-box tensor in ``pseudo`` is filtered with the same mask.
+    per-box tensor in ``pseudo`` is filtered with the same mask; ``edge_support``/``edge_dist``
+    (the teacher's per-edge distributions, Localization Distillation) move with the boxes.
 
     Deferred cutouts (``cutouts_pending``, ``aug.strong_cutout: spare_objects``) are settled by
     the first call of a step, against its boxes: those that alone would hide one of them are
@@ -153,6 +157,11 @@ def weak_to_strong(
         erased=unlabeled.get("erased"), batch_idx=pseudo["batch_idx"],
     )
     out = select(pseudo, keep)
+    if "edge_support" in out:  # mapped unclipped: their spacing is one teacher bin in this view
+        out["edge_support"], out["edge_dist"] = map_edge_support(
+            out["edge_support"], out["edge_dist"], out["boxes"], out["batch_idx"], unlabeled["M_weak"],
+            unlabeled["M_strong"],
+        )
     out["boxes"] = clipped[keep]
     return out
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["view_to_view", "map_boxes", "clip_and_filter", "erased_area", "rect_overlaps", "spare_objects", "paint_rects", "resample_maps"]
+__all__ = ["view_to_view", "map_boxes", "map_edge_support", "clip_and_filter", "erased_area", "rect_overlaps", "spare_objects", "paint_rects", "resample_maps"]
 
 
 def view_to_view(M_from: torch.Tensor, M_to: torch.Tensor) -> torch.Tensor:
@@ -38,6 +38,37 @@ def map_boxes(
     ty = T[:, 1, 0:1] * xs + T[:, 1, 1:2] * ys + T[:, 1, 2:3]
     out = torch.stack([tx.amin(1), ty.amin(1), tx.amax(1), ty.amax(1)], dim=1)
     return out.to(boxes.dtype)
+
+
+def map_edge_support(
+    support: torch.Tensor, dist: torch.Tensor, boxes: torch.Tensor, batch_idx: torch.Tensor,
+    M_from: torch.Tensor, M_to: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move per-edge location distributions (Localization Distillation) from one view to another.
+
+    ``support`` (N, 4, R): the pixel coordinates each edge of box ``n`` may sit at (x for the
+    left/right edges 0 and 2, y for top/bottom 1 and 3), ``dist`` (N, 4, R) their probabilities,
+    ``boxes`` (N, 4) the boxes in view ``from`` (their centres carry the off-axis terms of a
+    rotation or shear). Along each axis a point moves like a box corner; a mirrored axis swaps
+    its two edges (the left edge's distribution becomes the right edge's). Exact for the flips,
+    scales and shifts ssod's views use; with rotation or shear each edge keeps its own axis (an
+    approximation: a rotated edge is no longer one coordinate). Returns (support, dist) mapped.
+    """
+    if support.numel() == 0:
+        return support, dist
+    T = view_to_view(M_from, M_to)[batch_idx.long()]  # (N,3,3)
+    cx = ((boxes[:, 0] + boxes[:, 2]) / 2).float()[:, None, None]
+    cy = ((boxes[:, 1] + boxes[:, 3]) / 2).float()[:, None, None]
+    t = T[:, :, :, None, None]  # (N, 3, 3, 1, 1): broadcast over (edge pair, R)
+    x = t[:, 0, 0] * support[:, 0::2].float() + t[:, 0, 1] * cy + t[:, 0, 2]  # (N, 2, R): left, right
+    y = t[:, 1, 1] * support[:, 1::2].float() + t[:, 1, 0] * cx + t[:, 1, 2]  # (N, 2, R): top, bottom
+    dx, dy = dist[:, 0::2], dist[:, 1::2]
+    flip_x = (T[:, 0, 0] < 0)[:, None, None]
+    flip_y = (T[:, 1, 1] < 0)[:, None, None]
+    x, dx = torch.where(flip_x, x.flip(1), x), torch.where(flip_x, dx.flip(1), dx)
+    y, dy = torch.where(flip_y, y.flip(1), y), torch.where(flip_y, dy.flip(1), dy)
+    out = torch.stack((x[:, 0], y[:, 0], x[:, 1], y[:, 1]), 1).to(support.dtype)
+    return out, torch.stack((dx[:, 0], dy[:, 0], dx[:, 1], dy[:, 1]), 1)
 
 
 def clip_and_filter(

@@ -18,7 +18,9 @@ One step after burn-in:
    reliable), the strong half the Pseudo Label Assigner loss (``assigner.py``), and the neck
    features of both halves feed the gradient-reversed domain discriminator (``adaptor.py``);
 
-    L = L_sup + lambda_u * (w_cls L_u^cls + w_box L_u^box + w_dfl L_u^dfl) + da_weight * L_da
+    L = L_sup + lambda_u * (w_cls L_u^cls + w_box L_u^box + w_dfl L_u^dfl [+ w_ld L_u^ld]) + da_weight * L_da
+
+(L_u^ld: Localization Distillation of the teacher's edge distributions, ``ld_weight`` > 0 only.)
 
 At each epoch end the Epoch Adaptor recomputes tau1[c], tau2[c] from that epoch's teacher
 scores and the labeled class counts. The paper leaves the first SSOD epoch at the configured
@@ -128,6 +130,12 @@ class EfficientTeacher(Method):
                              f"large objects), got {c['teacher_scales']}")
         if not 0.0 <= c["strong_mix_p"] <= 1.0:
             raise ValueError(f"method 'efficient_teacher': strong_mix_p must lie in [0, 1], got {c['strong_mix_p']}")
+        if c["ld_weight"] < 0 or c["ld_temperature"] <= 0:
+            raise ValueError(f"method 'efficient_teacher': need ld_weight >= 0 and ld_temperature > 0, got "
+                             f"{c['ld_weight']}, {c['ld_temperature']}")
+        if c["strong_mix"] != "none" and c["ld_weight"] > 0:
+            raise ValueError("method 'efficient_teacher': ld_weight > 0 needs strong_mix: none (a mosaic or mixup "
+                             "does not carry the teacher's edge distributions)")
         if c["strong_mix"] != "none" and c["unsup_background"] == "teacher":
             raise ValueError("method 'efficient_teacher': strong_mix needs unsup_background: zero (the teacher's dense "
                              "maps are read through the strong view's matrix, which a mosaic or mixup does not have)")
@@ -357,6 +365,9 @@ class EfficientTeacher(Method):
             weak = select(weak, weak["reliable"])
         if c["uncertain_targets"] != "vector":
             weak.pop("class_scores", None)
+        if c["ld_weight"] <= 0:  # the edge distributions are LD's targets only
+            weak.pop("edge_support", None)
+            weak.pop("edge_dist", None)
         strong = weak_to_strong(weak, unlabeled, c["min_box_size"], c["min_visible"])
         n_rel = int(strong["reliable"].sum())
         n_unc = len(strong["scores"]) - n_rel
@@ -382,7 +393,8 @@ class EfficientTeacher(Method):
             feats, raw = None, student.forward_raw(img)
         crit = student.criterion()
         sup = PseudoLabelAssigner(crit)([r[:bl] for r in raw], labeled_t)
-        pla = PseudoLabelAssigner(crit, c["unsup_cls_weight"], c["unsup_box_weight"], c["unsup_dfl_weight"])
+        pla = PseudoLabelAssigner(crit, c["unsup_cls_weight"], c["unsup_box_weight"], c["unsup_dfl_weight"],
+                                  c["ld_weight"], c["ld_temperature"])
         # "labeled": the unlabeled half is normalised by at least the labeled half's target mass
         # (per image), so scarce pseudo labels do not scale up every background position's loss
         norm = sup["norm"] * (bu / bl) if c["unsup_norm"] == "labeled" else None
@@ -407,6 +419,8 @@ class EfficientTeacher(Method):
             "unsup_box": lam * bl * uns["box"],
             "unsup_dfl": lam * bl * uns["dfl"],
         }
+        if c["ld_weight"] > 0:
+            out["unsup_ld"] = lam * bl * uns["ld"]
         self.step_log = {
             "lambda_u": lam,
             **{f"sup_{k}": float(sup[k].detach()) for k in ("box", "cls", "dfl")},

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from ssod.training.methods.efficient_teacher.localization_distillation import edge_support, edge_targets, ld_loss
 from ssod.training.models.yolo import nms_per_image
 from ssod.training.pseudo import PseudoLabels, eval_mode, on_enlarged
 from ssod.training.ultralytics_env import import_ultralytics
@@ -133,14 +134,22 @@ def dense_teacher_detections(
     s, lab = scores[bi, ai], labels[bi, ai]
     keep = nms_per_image(boxes, s, lab, bi, iou, max_det, b, nc)
     dist = torch.cat([x[:, : 4 * r].flatten(2) for x in raw], 2)  # (B, 4R, A)
-    loc = localization_quality(dist[bi[keep], :, ai[keep]].reshape(-1, 4, r))
+    kept_dist = dist[bi[keep], :, ai[keep]].reshape(-1, 4, r)
+    import_ultralytics()
+    from ultralytics.utils.tal import make_anchors
+
+    anchors, strides = make_anchors(raw, teacher.stride, 0.5)  # (A, 2) grid units, (A, 1)
+    ak = ai[keep]
     return {
         "boxes": boxes[keep],
         "scores": s[keep],
         "labels": lab[keep].long(),
         "batch_idx": bi[keep].long(),
-        "loc_quality": loc,
+        "loc_quality": localization_quality(kept_dist),
         "class_scores": p[bi[keep], ai[keep], 4:],  # (N, nc): every class's score at the box's position
+        # each edge's distribution over where it lies (Localization Distillation's targets)
+        "edge_support": edge_support(anchors[ak] * strides[ak], strides[ak, 0], r),
+        "edge_dist": kept_dist.float().softmax(-1),
     }
 
 
@@ -232,9 +241,14 @@ class PseudoLabelAssigner:
     the three terms on top of those gains (1.0 = exactly the supervised loss).
     """
 
-    def __init__(self, criterion: Any, cls_weight: float = 1.0, box_weight: float = 1.0, dfl_weight: float = 1.0):
+    def __init__(
+        self, criterion: Any, cls_weight: float = 1.0, box_weight: float = 1.0, dfl_weight: float = 1.0,
+        ld_weight: float = 0.0, ld_temperature: float = 10.0,
+    ):
         self.crit = criterion
-        self.weights = {"cls": float(cls_weight), "box": float(box_weight), "dfl": float(dfl_weight)}
+        self.weights = {"cls": float(cls_weight), "box": float(box_weight), "dfl": float(dfl_weight),
+                        "ld": float(ld_weight)}
+        self.ld_temperature = float(ld_temperature)
 
     def __call__(
         self, raw: list[torch.Tensor], targets: PseudoLabels, ignore: PseudoLabels | None = None,
@@ -257,6 +271,9 @@ class PseudoLabelAssigner:
         box, instead of 0 (``unsup_background: teacher``: the teacher's own scores there, so an
         object it missed is not taught as background; inside a target box unassigned positions
         stay 0, as on labeled images); it does not count in the normaliser.
+        With ``ld_weight`` > 0 and targets carrying ``edge_support``/``edge_dist`` (the teacher's
+        edge distributions in this view) an ``ld`` term is added: Localization Distillation on the
+        box-loss positions (``localization_distillation.py``), at the DFL gain; else ``ld`` is 0.
         """
         crit = self.crit
         reg_max, nc = int(crit.reg_max), int(crit.nc)
@@ -333,10 +350,13 @@ class PseudoLabelAssigner:
             cls_t, tss, box_pos, imgsz, stride_tensor,
         )
         hyp = crit.hyp
+        loss_ld = self._distill(targets, pred_distri, box_pos, target_gt_idx, cls_t, anchors_px, stride_tensor,
+                                raw[0].shape[2:], tss)
         return {
             "cls": loss_cls * float(hyp.cls) * self.weights["cls"],
             "box": loss_box * float(hyp.box) * self.weights["box"],
             "dfl": loss_dfl * float(hyp.dfl) * self.weights["dfl"],
+            "ld": loss_ld * float(hyp.dfl) * self.weights["ld"],
             "norm": tss.detach(),
             "pos_reliable": rel.sum().detach(),
             "pos_uncertain": (fg_mask & ~rel).sum().detach(),
@@ -346,3 +366,23 @@ class PseudoLabelAssigner:
             "cls_target": cls_t.detach(),
             "box_mask": box_pos.detach(),
         }
+
+    def _distill(
+        self, targets: PseudoLabels, pred_distri: torch.Tensor, box_pos: torch.Tensor, target_gt_idx: torch.Tensor,
+        cls_t: torch.Tensor, anchors_px: torch.Tensor, stride_tensor: torch.Tensor, grid_hw: torch.Size,
+        tss: torch.Tensor,
+    ) -> torch.Tensor:
+        """LD's term per target mass (like DFL): 0 unless enabled and the targets carry edge distributions."""
+        if self.weights["ld"] <= 0 or "edge_support" not in targets:
+            return pred_distri.sum() * 0.0
+        r = int(self.crit.reg_max)
+        n = len(targets["edge_support"])
+        edges = torch.cat((targets["edge_support"].reshape(n, 4 * r), targets["edge_dist"].reshape(n, 4 * r)), 1).float()
+        padded, _ = pad_per_image(targets["batch_idx"], edges, int(box_pos.shape[0]))  # (B, M, 8R)
+        bi, ai = box_pos.nonzero(as_tuple=True)
+        rows = padded[bi, target_gt_idx[bi, ai]]  # (n_pos, 8R)
+        support, dist = rows[:, : 4 * r].reshape(-1, 4, r), rows[:, 4 * r :].reshape(-1, 4, r)
+        s0 = float(self.crit.stride[0])  # the canvas: the finest level's grid times its stride
+        target = edge_targets(support, dist, anchors_px[ai], stride_tensor[ai, 0], (grid_hw[1] * s0, grid_hw[0] * s0), r)
+        weight = cls_t[bi, ai].sum(-1)
+        return ld_loss(pred_distri[bi, ai].reshape(-1, 4, r), target, weight, self.ld_temperature) / tss
