@@ -118,6 +118,34 @@ def test_shrunk_source_keeps_matrices_of_the_original():
         np.testing.assert_allclose(white_bbox(view), expected, atol=1.0)
 
 
+def test_strong_geometry_weak_takes_the_weak_views_geometry_at_imgsz():
+    """``aug.strong_geometry: weak`` (SED's strong view): the strong view is the weak view's flip and
+    letterbox at imgsz (the weak one may be larger: the teacher's scale); the photometric chain
+    still runs, with the same draws as the independent geometry."""
+    h, w, S, big = 90, 120, 64, 80
+    img = white_box_image(h, w, (30, 20, 70, 50))
+    aug = {"strong_geometry": "weak", "strong_cutout": False, "strong_color_p": 0.0, "strong_gray_p": 0.0,
+           "strong_blur_p": 0.0}
+    geo = dict(flip_p=0.5, scale=(0.5, 1.5), translate=0.1)
+    strong = strong_aug(aug, geo)
+    assert strong.geometry_from_weak and not strong_aug({}, geo).geometry_from_weak
+    flips = set()
+    for seed in range(6):
+        wv, Mw, sv, Ms = make_weak_strong(img, S, WeakAug(), strong, np.random.default_rng(seed), weak_size=big)
+        np.testing.assert_allclose(Ms, np.diag([S / big, S / big, 1.0]) @ Mw, atol=1e-9)
+        flips.add(bool(Ms[0, 0] < 0))
+        expected = clip_boxes(transform_boxes(np.array([[30, 20, 70, 50]]), Ms), S)[0]
+        np.testing.assert_allclose(white_bbox(sv), expected, atol=1.0)
+    assert flips == {True, False}
+    photo = {**aug, "strong_color_p": 1.0, "strong_blur_p": 1.0}
+    a = make_weak_strong(img, S, WeakAug(), strong_aug(photo, geo), np.random.default_rng(0), weak_size=big)[2]
+    b = make_weak_strong(img, S, WeakAug(), strong_aug({**photo, "strong_geometry": "independent"}, geo),
+                         np.random.default_rng(0), weak_size=big)[2]
+    assert a.shape == b.shape and not np.array_equal(a, b)
+    with pytest.raises(ValueError, match="strong_geometry"):
+        strong_aug({"strong_geometry": "same"}, geo)
+
+
 def test_boxes_leaving_the_image_are_dropped():
     S = 100
     boxes = np.array([[10, 10, 30, 30], [80, 40, 98, 60], [60, 0, 70, 10], [0, 0, 0.5, 50]], np.float32)

@@ -88,6 +88,10 @@ class StrongAug(GeometryAug):
     # True: draw the cutouts but leave painting them to the trainer, which skips those that would
     # hide a pseudo-labeled object (``pseudo_geometry.spare_objects``); the random draws are the same
     cutouts_deferred: bool = False
+    # True: the strong view takes the weak view's geometry (flip, letterbox) at imgsz instead of a
+    # draw of its own, SED's strong view ("without any geometric augmentation", appendix table 2):
+    # the teacher's view is then always the larger one, which SED's scale argument asks for
+    geometry_from_weak: bool = False
 
 
 CUTOUT_MODES = (True, False, "spare_objects")
@@ -105,7 +109,18 @@ def strong_aug(aug: dict, geo: dict) -> StrongAug:
         grayscale_p=aug.get("strong_gray_p", d.grayscale_p), blur_p=aug.get("strong_blur_p", d.blur_p),
         blur_sigma=tuple(aug.get("strong_blur_sigma", d.blur_sigma)),
         cutouts=d.cutouts if mode else (), cutouts_deferred=mode == "spare_objects",
+        geometry_from_weak=_strong_geometry(aug) == "weak",
     )
+
+
+STRONG_GEOMETRIES = ("independent", "weak")
+
+
+def _strong_geometry(aug: dict) -> str:
+    mode = aug.get("strong_geometry", "independent")
+    if mode not in STRONG_GEOMETRIES:
+        raise ValueError(f"aug.strong_geometry: {mode!r} is not one of {', '.join(STRONG_GEOMETRIES)}")
+    return mode
 
 
 @dataclass
@@ -430,6 +445,8 @@ def make_weak_strong(
         h, w, imgsz, rng, strong.flip_p, strong.scale, strong.translate, strong.degrees,
         strong.shear,
     )
+    if strong.geometry_from_weak:  # the draw above still happens: the photometric draws stay the same
+        M_strong = np.diag([imgsz / weak_size, imgsz / weak_size, 1.0]) @ M_weak
     weak_img = warp(weak_src, M_weak @ source_matrix(weak_src, orig_hw), weak_size)
     src = source_matrix(img, orig_hw)
     strong_img = strong_photometric(warp(img, M_strong @ src, imgsz), strong, rng, erased)
