@@ -99,7 +99,7 @@ def test_ld_loss_is_zero_at_the_teacher_and_pulls_toward_it():
     loss.backward()
     with torch.no_grad():
         moved = s - 50.0 * s.grad
-    assert float(ld_loss(moved, target, w, 10.0)) < float(loss)
+    assert float(ld_loss(moved, target, w, 10.0)) < float(loss.detach())
 
 
 @pytest.fixture(scope="module")

@@ -374,7 +374,7 @@ class PseudoLabelAssigner:
     ) -> torch.Tensor:
         """LD's term per target mass (like DFL): 0 unless enabled and the targets carry edge distributions."""
         if self.weights["ld"] <= 0 or "edge_support" not in targets:
-            return pred_distri.sum() * 0.0
+            return pred_distri.new_zeros(())
         r = int(self.crit.reg_max)
         n = len(targets["edge_support"])
         edges = torch.cat((targets["edge_support"].reshape(n, 4 * r), targets["edge_dist"].reshape(n, 4 * r)), 1).float()
