@@ -442,8 +442,19 @@ def test_cli_user_errors_exit_1(work, cli_app):
     res = runner.invoke(cli_app, ["export", "--help"], env={"COLUMNS": "200", "NO_COLOR": "1"})
     assert res.exit_code == 0
     for flag in ("--format", "--imgsz", "--batch", "--dynamic", "--half", "--int8", "--calib", "--calib-size",
-                 "--no-nms", "--conf", "--iou", "--max-det", "--opset", "--weights", "--out"):
+                 "--no-nms", "--conf", "--iou", "--max-det", "--opset", "--weights", "--which", "--out"):
         assert flag in res.output, flag
+    res = runner.invoke(cli_app, ["export"])
+    assert res.exit_code == 1 and "give the checkpoint once" in res.output
+    res = runner.invoke(cli_app, ["export", str(work / "tiny.pt"), "--weights", str(work / "tiny.pt")])
+    assert res.exit_code == 1 and "give the checkpoint once" in res.output
+    res = runner.invoke(cli_app, ["export", "--weights", str(work / "missing.pt")])  # the option form of the path
+    assert res.exit_code == 1 and "not found" in res.output
+    for args in (["--which", "student"], ["--weights", "student"]):  # the part to export (the old flag still works)
+        out = work / f"student_{args[0][2:]}.onnx"
+        res = runner.invoke(cli_app, ["export", str(work / "tiny.pt"), *args, "--out", str(out)])
+        assert res.exit_code == 0, res.output
+        assert out.exists()
 
 
 def test_default_output_names():

@@ -95,7 +95,7 @@ def export_model(
     if half and int8:
         raise ValueError("--half and --int8 are exclusive: choose one precision")
     if which not in ("teacher", "student"):
-        raise ValueError(f"--weights must be teacher or student, not {which!r}")
+        raise ValueError(f"--which must be teacher or student, not {which!r}")
     if batch < 1 or max_det < 1 or calib_size < 1:
         raise ValueError(f"--batch, --max-det and --calib-size must be >= 1 (got {batch}, {max_det}, {calib_size})")
     if (calib is not None or calib_size != 256) and not int8:

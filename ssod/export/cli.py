@@ -10,7 +10,7 @@ TRT_PENDING_EXIT = 3  # the ONNX was written; the engine must be built on the ta
 
 
 def export_command(
-    weights: str = typer.Argument(..., help="An ssod checkpoint (last.pt / best.pt), or an exported .onnx to build a TensorRT engine from."),
+    weights: Optional[str] = typer.Argument(None, help="An ssod checkpoint (last.pt / best.pt), or an exported .onnx to build a TensorRT engine from (or give it as --weights)."),
     format: str = typer.Option("onnx", "--format", "-f", help="onnx | trt (TensorRT engine, built from the ONNX; needs TensorRT 10/11 and a GPU)."),  # noqa: A002
     imgsz: Optional[int] = typer.Option(None, help="Input size in pixels: the long side (or the square side with --square); default: the training size; a multiple of the model stride."),
     rect: bool = typer.Option(True, "--rect/--square", help="Rectangular inputs (default for ONNX: each image letterboxed to its smallest stride-multiple rectangle, same-shaped images batched together, as ultralytics predict does: fewer pixels to run) or a fixed square input (always for TensorRT engines and Faster R-CNN)."),
@@ -27,13 +27,22 @@ def export_command(
     iou: float = typer.Option(0.7, help="NMS IoU threshold (in the graph with --nms, else the runtime's default)."),
     max_det: int = typer.Option(300, help="Maximum detections per image."),
     opset: int = typer.Option(17, help="ONNX opset (17 recommended; 13 or newer)."),
-    which: str = typer.Option("teacher", "--weights", help="teacher (the EMA teacher, default) | student."),
+    weights_opt: Optional[str] = typer.Option(None, "--weights", help="The checkpoint, as an option (as `ssod train --weights`); same as the argument."),
+    which: str = typer.Option("teacher", "--which", help="teacher (the EMA teacher, default) | student."),
     out: Optional[str] = typer.Option(None, help="Output file (.onnx / .engine) or folder (default: next to the weights, e.g. last_int8cpu.onnx, last_fp16.engine)."),
     workspace: int = typer.Option(4096, help="TensorRT builder workspace limit in MiB."),
 ) -> None:
     """Export the EMA teacher to ONNX (FP32/FP16/INT8, optional in-graph NMS) or a TensorRT engine."""
     from ssod.export import export_model
     from ssod.export.tensorrt import TensorRTUnavailable
+
+    if weights_opt in ("teacher", "student") and weights is not None:  # before 0.1: --weights chose the model part
+        which, weights_opt = weights_opt, None
+    if (weights is None) == (weights_opt is None):
+        typer.secho("error: give the checkpoint once: `ssod export WEIGHTS` or `ssod export --weights WEIGHTS`",
+                    fg="red", err=True)
+        raise typer.Exit(1)
+    weights = weights or weights_opt
 
     try:
         path = export_model(
