@@ -36,7 +36,7 @@ def export_command(
     from ssod.export import export_model
     from ssod.export.tensorrt import TensorRTUnavailable
 
-    if weights_opt in ("teacher", "student") and weights is not None:  # before 0.1: --weights chose the model part
+    if weights_opt in ("teacher", "student") and weights is not None:  # its old meaning: the part to export
         which, weights_opt = weights_opt, None
     if (weights is None) == (weights_opt is None):
         typer.secho("error: give the checkpoint once: `ssod export WEIGHTS` or `ssod export --weights WEIGHTS`",
