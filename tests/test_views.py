@@ -120,8 +120,8 @@ def test_shrunk_source_keeps_matrices_of_the_original():
 
 def test_strong_geometry_weak_takes_the_weak_views_geometry_at_imgsz():
     """``aug.strong_geometry: weak`` (SED's strong view): the strong view is the weak view's flip and
-    letterbox at imgsz (the weak one may be larger: the teacher's scale); the photometric chain
-    still runs, with the same draws as the independent geometry."""
+    letterbox at imgsz (the weak one may be larger: the teacher's scale), not a draw of its own
+    (same seed, independent geometry: another view); a typo in the mode is an error."""
     h, w, S, big = 90, 120, 64, 80
     img = white_box_image(h, w, (30, 20, 70, 50))
     aug = {"strong_geometry": "weak", "strong_cutout": False, "strong_color_p": 0.0, "strong_gray_p": 0.0,
