@@ -73,10 +73,10 @@ def _spy_assigner(monkeypatch) -> list[dict]:
     calls: list[dict] = []
     original = PseudoLabelAssigner.__call__
 
-    def spy(self, raw, targets, ignore=None, min_norm=None, background=None):
-        out = original(self, raw, targets, ignore, min_norm, background)
+    def spy(self, raw, targets, ignore=None, min_norm=None, background=None, assignment=None):
+        out = original(self, raw, targets, ignore, min_norm, background, assignment)
         calls.append({"targets": targets, "ignore": ignore, "min_norm": min_norm, "background": background,
-                      "out": out})
+                      "assignment": assignment, "out": out})
         return out
 
     monkeypatch.setattr(PseudoLabelAssigner, "__call__", spy)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["view_to_view", "map_boxes", "map_edge_support", "clip_and_filter", "erased_area", "rect_overlaps", "spare_objects", "paint_rects", "resample_maps"]
+__all__ = ["view_to_view", "map_boxes", "map_edge_support", "clip_and_filter", "erased_area", "rect_overlaps", "spare_objects", "paint_rects", "resample_maps",
+           "pull_positions"]
 
 
 def view_to_view(M_from: torch.Tensor, M_to: torch.Tensor) -> torch.Tensor:
@@ -176,3 +177,47 @@ def resample_maps(maps: list[torch.Tensor], M_from: torch.Tensor, M_to: torch.Te
         grid = (src * (2.0 / canvas) - 1.0).reshape(b, h, w, 2)  # align_corners=False convention
         out.append(F.grid_sample(m.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False).flatten(2))
     return torch.cat(out, 2).transpose(1, 2).to(maps[0].dtype)
+
+
+def pull_positions(
+    M_from: torch.Tensor, M_to: torch.Tensor, from_grid: list[tuple[int, int]], from_strides: list[float],
+    to_grid: list[tuple[int, int]], to_strides: list[float],
+) -> torch.Tensor:
+    """(B, A_to) index of the view-``from`` grid position each view-``to`` position corresponds to, -1 if none.
+
+    Dense teacher guidance needs a one-to-one reading of the teacher's positions from the
+    student's. DTG-SSOD (seed 002) pushes each teacher anchor to the student level whose anchor
+    scale matches and the best-overlapping anchor there; anchor-free heads have points, not
+    anchors, so here each student position *pulls*: its centre is mapped into view ``from`` and
+    it reads the cell containing that point on the teacher level whose stride, seen in view
+    ``to``, is nearest its own in log2 (a view shrunk 2x sends stride-8 student cells to
+    stride-16 teacher cells). Pulling gives every student position exactly one answer (pushing
+    leaves zoomed-in student cells without one). Levels are ``(H, W)`` grids with their strides,
+    flattened in order (the heads' layout); centres outside view ``from`` read -1.
+    """
+    T = view_to_view(M_to, M_from)  # (B,3,3): to-view pixels -> from-view pixels
+    b = T.shape[0]
+    device = T.device
+    scale = T[:, :2, :2].det().abs().sqrt()  # (B,): from-view pixels per to-view pixel
+    log_from = torch.tensor(from_strides, dtype=torch.float32, device=device).log2()  # (L_from,)
+    sizes = torch.tensor([h * w for h, w in from_grid], device=device)
+    offsets = torch.cumsum(sizes, 0) - sizes
+    heights = torch.tensor([h for h, _ in from_grid], device=device)
+    widths = torch.tensor([w for _, w in from_grid], device=device)
+    strides = torch.tensor(from_strides, dtype=torch.float32, device=device)
+    out = []
+    for (h, w), s in zip(to_grid, to_strides):
+        level = ((torch.log2(s * scale))[:, None] - log_from[None]).abs().argmin(1)  # (B,)
+        ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) * s
+        xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) * s
+        gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+        pts = torch.stack((gx, gy, torch.ones_like(gx)), -1).reshape(1, h * w, 3)
+        src = pts @ T[:, :2].transpose(1, 2)  # (B, HW, 2) pixels of view ``from``
+        st = strides[level][:, None]
+        j = torch.floor(src[..., 0] / st).long()
+        i = torch.floor(src[..., 1] / st).long()
+        hh, ww = heights[level][:, None], widths[level][:, None]
+        inside = (j >= 0) & (j < ww) & (i >= 0) & (i < hh)
+        idx = offsets[level][:, None] + i * ww + j
+        out.append(torch.where(inside, idx, torch.full_like(idx, -1)))
+    return torch.cat(out, 1) if out else torch.zeros(b, 0, dtype=torch.long, device=device)

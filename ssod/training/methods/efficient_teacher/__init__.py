@@ -51,6 +51,7 @@ from ssod.training.methods.efficient_teacher.adaptor import (
     EpochAdaptor,
     shrunk_class_counts,
 )
+from ssod.training.methods.efficient_teacher.dense_guidance import student_assignment, teacher_clusters
 from ssod.training.methods.efficient_teacher.assigner import (
     PseudoLabelAssigner,
     class_maps,
@@ -115,6 +116,7 @@ class EfficientTeacher(Method):
         "threshold_rule": THRESHOLD_RULES,
         "uncertain_targets": ("soft", "ignore", "vector"),
         "strong_mix": MIX_MODES,
+        "assignment": ("tal", "inverse_nms"),
     }
     ANY_LENGTH = ("teacher_scales",)
 
@@ -139,6 +141,8 @@ class EfficientTeacher(Method):
         if c["strong_mix"] != "none" and c["unsup_background"] == "teacher":
             raise ValueError("method 'efficient_teacher': strong_mix needs unsup_background: zero (the teacher's dense "
                              "maps are read through the strong view's matrix, which a mosaic or mixup does not have)")
+        if c["assignment"] == "inverse_nms":
+            _check_dense_guidance(c)
         self.names: list[str] | None = None
         self.adaptor: EpochAdaptor | None = None
         self.disc: DomainDiscriminator | None = None
@@ -360,6 +364,17 @@ class EfficientTeacher(Method):
         self.meter.add_quality("pl", weak, unlabeled, iou=c["quality_iou"])
         self.meter.add_quality("pl_reliable", select(weak, weak["reliable"]), unlabeled, iou=c["quality_iou"])
 
+        guidance = None
+        if c["assignment"] == "inverse_nms":  # DTG: the targets are the teacher's NMS clusters
+            if scales != [1.0]:
+                raise ValueError("efficient_teacher: assignment: inverse_nms needs the teacher's pass on the weak view as "
+                                 f"drawn (teacher_scales [1.0], or one scale drawn from the file), got {scales}")
+            clusters = teacher_clusters(teacher, raw_t, tuple(unlabeled["weak"].shape[-2:]), tau1, c["nms_iou"])
+            weak = clusters.heads
+            weak["reliable"] = weak["scores"] >= tau2[weak["labels"]]
+            weak["box_ok"] = weak["reliable"]
+            guidance = clusters
+
         # 2. into the strong view
         if c["uncertain_targets"] == "ignore":
             weak = select(weak, weak["reliable"])
@@ -369,6 +384,10 @@ class EfficientTeacher(Method):
             weak.pop("edge_support", None)
             weak.pop("edge_dist", None)
         strong = weak_to_strong(weak, unlabeled, c["min_box_size"], c["min_visible"])
+        kept = None
+        if guidance is not None:  # each kept box's row in the strong view, -1 if it left it
+            kept = torch.full((len(guidance.heads["scores"]),), -1, dtype=torch.long, device=device)
+            kept[strong.pop("head")] = torch.arange(len(strong["scores"]), device=device)
         n_rel = int(strong["reliable"].sum())
         n_unc = len(strong["scores"]) - n_rel
         n_unc_box = int((strong["box_ok"] & ~strong["reliable"]).sum())
@@ -394,7 +413,7 @@ class EfficientTeacher(Method):
         crit = student.criterion()
         sup = PseudoLabelAssigner(crit)([r[:bl] for r in raw], labeled_t)
         pla = PseudoLabelAssigner(crit, c["unsup_cls_weight"], c["unsup_box_weight"], c["unsup_dfl_weight"],
-                                  c["ld_weight"], c["ld_temperature"])
+                                  c["ld_weight"], c["ld_temperature"], c["rm_temperature"])
         # "labeled": the unlabeled half is normalised by at least the labeled half's target mass
         # (per image), so scarce pseudo labels do not scale up every background position's loss
         norm = sup["norm"] * (bu / bl) if c["unsup_norm"] == "labeled" else None
@@ -406,7 +425,15 @@ class EfficientTeacher(Method):
                 class_maps(raw_t, int(teacher.reg_max)), unlabeled["M_weak"], unlabeled["M_strong"],
                 int(unlabeled["strong"].shape[-1]),
             )
-        uns = pla([r[bl:] for r in raw], strong, ignore, min_norm=norm, background=bg)
+        assignment = None
+        if guidance is not None:
+            assert kept is not None
+            assignment = student_assignment(
+                guidance, kept, unlabeled["M_weak"], unlabeled["M_strong"], _grid(raw_t), _strides(teacher),
+                _grid(raw), _strides(student),
+            )
+            self.meter.add_count("pl_members", int((assignment.index >= 0).sum()))
+        uns = pla([r[bl:] for r in raw], strong, ignore, min_norm=norm, background=bg, assignment=assignment)
         if ignore is not None:
             self.meter.add_count("pl_ignore_regions", len(ignore["scores"]))
         lam = self.unsup_weight()
@@ -421,6 +448,8 @@ class EfficientTeacher(Method):
         }
         if c["ld_weight"] > 0:
             out["unsup_ld"] = lam * bl * uns["ld"]
+        if guidance is not None and c["rm_weight"] > 0:
+            out["unsup_rm"] = lam * bl * c["rm_weight"] * uns["rm"]
         self.step_log = {
             "lambda_u": lam,
             **{f"sup_{k}": float(sup[k].detach()) for k in ("box", "cls", "dfl")},
@@ -470,12 +499,41 @@ class EfficientTeacher(Method):
         return meta
 
 
+def _check_dense_guidance(c: dict[str, Any]) -> None:
+    """``assignment: inverse_nms`` reads one teacher pass's dense maps through the strong view's matrix."""
+    why = []
+    if len(set(c["teacher_scales"])) > 1:
+        why.append(f"one teacher_scales value (got {c['teacher_scales']})")
+    if c["strong_mix"] != "none":
+        why.append("strong_mix: none")
+    if c["unsup_background"] != "zero":
+        why.append("unsup_background: zero")
+    if c["uncertain_targets"] != "soft" or c["uncertain_box_loc"] < 1.0:
+        why.append("uncertain_targets: soft and uncertain_box_loc: 1 (the per-position targets replace both)")
+    if c["ld_weight"] > 0:
+        why.append("ld_weight: 0")
+    if c["pseudo_source"] != "teacher":
+        why.append("pseudo_source: teacher")
+    if c["rm_weight"] < 0 or c["rm_temperature"] <= 0:
+        why.append("rm_weight >= 0 and rm_temperature > 0")
+    if why:
+        raise ValueError("method 'efficient_teacher': assignment: inverse_nms needs " + "; ".join(why))
+
+
 def _size_multiple(model: "Detector") -> int:
     """What the model's input sides must be a multiple of: its largest stride (dense heads), or
     torchvision's ``size_divisible`` for two-stage models."""
     if getattr(model, "two_stage", False):
         return SIZE_DIVISIBLE
     return max_stride(model)
+
+
+def _grid(raw: list[torch.Tensor]) -> list[tuple[int, int]]:
+    return [(int(x.shape[-2]), int(x.shape[-1])) for x in raw]
+
+
+def _strides(model: "Detector") -> list[float]:
+    return [float(s) for s in torch.as_tensor(model.stride).flatten()]
 
 
 def _require_dense(model: "Detector") -> None:

@@ -35,7 +35,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from ssod.training.methods.efficient_teacher.dense_guidance import DenseAssignment
 from ssod.training.methods.efficient_teacher.localization_distillation import edge_support, edge_targets, ld_loss
+from ssod.training.methods.two_stage.dtg_ops import rank_matching_loss
 from ssod.training.models.yolo import nms_per_image
 from ssod.training.pseudo import PseudoLabels, eval_mode, on_enlarged
 from ssod.training.ultralytics_env import import_ultralytics
@@ -44,7 +46,7 @@ if TYPE_CHECKING:
     from ssod.training.models.base import Detector
 
 __all__ = [
-    "pad_per_image", "inside_any", "max_stride", "localization_quality", "teacher_raw", "class_maps",
+    "pad_per_image", "image_slots", "inside_any", "max_stride", "localization_quality", "teacher_raw", "class_maps",
     "dense_teacher_detections",
     "multiscale_teacher_detections", "side_of", "PseudoLabelAssigner", "labeled_targets",
 ]
@@ -61,17 +63,24 @@ def pad_per_image(
     n, k = values.shape
     device = values.device
     bi = batch_idx.long()
-    order = torch.argsort(bi, stable=True)
-    bi, vals = bi[order], values[order]
-    counts = torch.bincount(bi, minlength=batch_size)
-    m = max(int(counts.max()) if n else 0, 1)
-    start = torch.cumsum(counts, 0) - counts
-    pos = torch.arange(n, device=device) - start[bi]
+    pos = image_slots(bi, batch_size)
+    m = max(int(pos.max()) + 1 if n else 0, 1)
     out = torch.zeros(batch_size, m, k, dtype=values.dtype, device=device)
     mask = torch.zeros(batch_size, m, dtype=torch.bool, device=device)
-    out[bi, pos] = vals
+    out[bi, pos] = values
     mask[bi, pos] = True
     return out, mask
+
+
+def image_slots(batch_idx: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """(N,) each row's slot in its image's padded block (``pad_per_image``): rows of an image in input order."""
+    bi = batch_idx.long()
+    order = torch.argsort(bi, stable=True)
+    counts = torch.bincount(bi, minlength=batch_size)
+    start = torch.cumsum(counts, 0) - counts
+    pos = torch.empty_like(bi)
+    pos[order] = torch.arange(len(bi), device=bi.device) - start[bi[order]]
+    return pos
 
 
 def localization_quality(dist_logits: torch.Tensor) -> torch.Tensor:
@@ -243,16 +252,18 @@ class PseudoLabelAssigner:
 
     def __init__(
         self, criterion: Any, cls_weight: float = 1.0, box_weight: float = 1.0, dfl_weight: float = 1.0,
-        ld_weight: float = 0.0, ld_temperature: float = 10.0,
+        ld_weight: float = 0.0, ld_temperature: float = 10.0, rm_temperature: float = 1.0,
     ):
         self.crit = criterion
         self.weights = {"cls": float(cls_weight), "box": float(box_weight), "dfl": float(dfl_weight),
                         "ld": float(ld_weight)}
         self.ld_temperature = float(ld_temperature)
+        self.rm_temperature = float(rm_temperature)
 
     def __call__(
         self, raw: list[torch.Tensor], targets: PseudoLabels, ignore: PseudoLabels | None = None,
         min_norm: torch.Tensor | float | None = None, background: torch.Tensor | None = None,
+        assignment: DenseAssignment | None = None,
     ) -> dict[str, torch.Tensor]:
         """Losses on ``raw`` (per-level (B, 4R + nc, H, W) maps) for ``targets`` in the same view.
 
@@ -274,6 +285,9 @@ class PseudoLabelAssigner:
         With ``ld_weight`` > 0 and targets carrying ``edge_support``/``edge_dist`` (the teacher's
         edge distributions in this view) an ``ld`` term is added: Localization Distillation on the
         box-loss positions (``localization_distillation.py``), at the DFL gain; else ``ld`` is 0.
+        ``assignment`` (DTG's dense guidance, ``dense_guidance.py``): which target each position
+        belongs to, from the teacher's NMS clusters, instead of the task-aligned assigner; adds
+        ``rm``, Rank Matching over those clusters (unweighted; 0 without ``assignment``).
         """
         crit = self.crit
         reg_max, nc = int(crit.reg_max), int(crit.nc)
@@ -311,18 +325,31 @@ class PseudoLabelAssigner:
         gt_labels, gt_bboxes = padded[..., 0:1], padded[..., 1:5]
         gt_score, gt_rel, gt_box = padded[..., 5], padded[..., 6] > 0.5, padded[..., 7] > 0.5
 
-        target_labels, target_bboxes, target_scores, fg_mask, target_gt_idx = crit.assigner(
-            pred_scores.detach().sigmoid(),
-            (pred_bboxes.detach() * stride_tensor).type(gt_bboxes.dtype),
-            anchors_px,
-            gt_labels,
-            gt_bboxes,
-            mask[..., None].float(),
-        )
-        target_gt_idx = target_gt_idx.long()
+        if assignment is None:
+            target_labels, target_bboxes, target_scores, fg_mask, target_gt_idx = crit.assigner(
+                pred_scores.detach().sigmoid(),
+                (pred_bboxes.detach() * stride_tensor).type(gt_bboxes.dtype),
+                anchors_px,
+                gt_labels,
+                gt_bboxes,
+                mask[..., None].float(),
+            )
+            target_gt_idx = target_gt_idx.long()
+        else:  # the teacher's clusters: reliable members learn their box's IoU with the kept box
+            fg_mask = assignment.index >= 0
+            slots = image_slots(targets["batch_idx"], bsz)
+            target_gt_idx = torch.zeros_like(assignment.index)
+            if len(slots):
+                target_gt_idx = torch.where(fg_mask, slots[assignment.index.clamp(min=0)], target_gt_idx)
+            target_bboxes = gt_bboxes.gather(1, target_gt_idx[..., None].expand(-1, -1, 4))
+            target_labels = gt_labels[..., 0].gather(1, target_gt_idx).long()
+            target_scores = F.one_hot(target_labels.clamp(0, nc - 1), nc).to(dtype) * (
+                assignment.quality * fg_mask).to(dtype)[..., None]
         rel = gt_rel.gather(1, target_gt_idx) & fg_mask  # (B, A)
         box_pos = gt_box.gather(1, target_gt_idx) & fg_mask
-        if vector is None:  # the paper: the teacher's score in the box's class, 0 in the others
+        if assignment is not None:  # an uncertain member: the teacher's score at that position
+            soft = F.one_hot(target_labels.clamp(0, nc - 1), nc).to(dtype) * assignment.score.to(dtype)[..., None]
+        elif vector is None:  # the paper: the teacher's score in the box's class, 0 in the others
             one_hot = F.one_hot(target_labels.long().clamp(0, nc - 1), nc).to(dtype)
             soft = one_hot * gt_score.gather(1, target_gt_idx)[..., None]
         else:
@@ -350,6 +377,12 @@ class PseudoLabelAssigner:
             cls_t, tss, box_pos, imgsz, stride_tensor,
         )
         hyp = crit.hyp
+        loss_rm = pred_scores.new_zeros(())
+        if assignment is not None:
+            bi, ai = fg_mask.nonzero(as_tuple=True)
+            student_logit = pred_scores[bi, ai, target_labels[bi, ai]]
+            loss_rm = rank_matching_loss(student_logit, assignment.logit[bi, ai].to(student_logit),
+                                         assignment.index[bi, ai], self.rm_temperature)
         loss_ld = self._distill(targets, pred_distri, box_pos, target_gt_idx, cls_t, anchors_px, stride_tensor,
                                 raw[0].shape[2:], tss)
         return {
@@ -357,6 +390,7 @@ class PseudoLabelAssigner:
             "box": loss_box * float(hyp.box) * self.weights["box"],
             "dfl": loss_dfl * float(hyp.dfl) * self.weights["dfl"],
             "ld": loss_ld * float(hyp.dfl) * self.weights["ld"],
+            "rm": loss_rm,
             "norm": tss.detach(),
             "pos_reliable": rel.sum().detach(),
             "pos_uncertain": (fg_mask & ~rel).sum().detach(),

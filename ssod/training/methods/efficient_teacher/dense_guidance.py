@@ -1,0 +1,137 @@
+"""DTG-SSOD's dense teacher guidance (Li et al., NeurIPS 2022; seed 002) for anchor-free YOLO heads.
+
+``assignment: inverse_nms`` replaces the task-aligned assignment of pseudo boxes. The student
+position that corresponds to a teacher position (``pseudo_geometry.pull_positions``) is
+assigned to the box that position's candidate was suppressed by in the teacher's NMS (Inverse
+NMS Clustering, the math shared with the two-stage method in ``two_stage/dtg_ops.py``); positions
+whose teacher candidate is clear background, or whose cluster's box left the strong view, are
+background. Rank Matching then aligns the student's score ranking within each cluster with the
+teacher's.
+
+Choices the paper (written for Faster R-CNN) leaves open, for a dense head:
+
+* candidates are the teacher's positions scoring at least tau1[c] in their best class c: the
+  Epoch Adaptor's per-class floor is where efficient_teacher stops counting a box as an object,
+  so it plays the paper's tau (0.45 at the R-CNN stage); the clusters' kept boxes are then
+  exactly the pseudo boxes the PLA would use (greedy NMS at the same IoU);
+* the class target of a member of a *reliable* cluster (kept score >= tau2[c]) is the IoU of its
+  teacher box with the kept box (an IoU-aware score, what YOLOv8's task-aligned targets and
+  GFL teach, instead of DTG's hard 1 under Focal loss: ultralytics' BCE head expects scores that
+  rank boxes by quality); box and DFL losses go to the kept box at those positions, weighted by
+  that target as ultralytics weights them;
+* a member of an *uncertain* cluster gets the teacher's own score at that position as its soft
+  class target (the PLA's soft target, read per position instead of per box) and no box loss;
+* Rank Matching (Eq. 4-5, T = 1, beta = 3 from the paper's Table 3) runs over every cluster's
+  members in the student view, on the logits of the cluster's class; a student cell that reads
+  the same teacher cell as another (a zoomed-in strong view) is a member twice.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+
+from ssod.training.methods.two_stage.dtg_ops import inverse_nms_clustering
+from ssod.training.pseudo import PseudoLabels
+from ssod.training.pseudo_geometry import pull_positions
+
+if TYPE_CHECKING:
+    from ssod.training.models.base import Detector
+
+__all__ = ["DenseAssignment", "TeacherClusters", "teacher_clusters", "student_assignment", "pairwise_iou"]
+
+
+class DenseAssignment(NamedTuple):
+    """Per student position (B, A): the target it is assigned to and what the teacher said there."""
+
+    index: torch.Tensor    # long: row of the flat target list (the PLA's ``targets``), -1 = background
+    quality: torch.Tensor  # IoU of the teacher's box at this position with its cluster's kept box
+    score: torch.Tensor    # the teacher's score at this position in the cluster's class
+    logit: torch.Tensor    # ... as a logit (Rank Matching's teacher side)
+
+
+class TeacherClusters(NamedTuple):
+    """The teacher's NMS clusters on its own grid (B, A_t) and their kept boxes (``heads``)."""
+
+    heads: PseudoLabels    # boxes, scores, labels, batch_idx, head (= row number), in the weak view
+    head: torch.Tensor     # (B, A_t) long: the kept box (row of ``heads``) each position belongs to, -1 = none
+    quality: torch.Tensor  # (B, A_t)
+    score: torch.Tensor    # (B, A_t)
+    logit: torch.Tensor    # (B, A_t)
+
+
+def pairwise_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU of row i of ``a`` with row i of ``b`` (xyxy, (N, 4) each) -> (N,)."""
+    lt = torch.maximum(a[:, :2], b[:, :2])
+    rb = torch.minimum(a[:, 2:], b[:, 2:])
+    inter = (rb - lt).clamp(min=0).prod(1)
+    area = (a[:, 2:] - a[:, :2]).clamp(min=0).prod(1) + (b[:, 2:] - b[:, :2]).clamp(min=0).prod(1)
+    return inter / (area - inter).clamp(min=1e-9)
+
+
+@torch.no_grad()
+def teacher_clusters(
+    teacher: "Detector", raw: list[torch.Tensor], img_hw: tuple[int, int], tau1: torch.Tensor, iou: float,
+) -> TeacherClusters:
+    """Inverse NMS Clustering of the teacher's dense output ``raw`` (its per-level maps on a view
+    of ``img_hw`` pixels), candidates scoring >= ``tau1`` (per class) in their best class."""
+    decoded = teacher.decode(raw)  # (B, 4 + nc, A): xywh pixels + class probabilities
+    b, _, a = decoded.shape
+    p = decoded.transpose(1, 2).float()
+    scores, labels = p[..., 4:].max(-1)  # (B, A)
+    h, w = img_hw
+    xy, wh = p[..., :2], p[..., 2:4]
+    boxes = torch.cat((xy - wh / 2, xy + wh / 2), -1)
+    boxes = torch.minimum(boxes.clamp(min=0), boxes.new_tensor([w, h, w, h]))
+    bi, ai = (scores >= tau1.to(scores)[labels]).nonzero(as_tuple=True)
+    cb, cs, cl = boxes[bi, ai], scores[bi, ai], labels[bi, ai]
+    inc = inverse_nms_clustering(cb, cs, cl, score_thr=0.0, iou_thr=iou, group=bi)
+    keep = inc.keep
+    head_no = torch.full((len(cs),), -1, dtype=torch.long, device=cs.device)
+    head_no[keep] = torch.arange(len(keep), device=cs.device)
+    member = inc.cluster >= 0  # every candidate: a kept box is its own cluster
+    own_head = head_no[inc.cluster.clamp(min=0)]
+    r = 4 * int(teacher.reg_max)
+    logits = torch.cat([x[:, r:].flatten(2) for x in raw], 2).transpose(1, 2).float()  # (B, A, nc)
+
+    def dense(values: torch.Tensor, fill: float) -> torch.Tensor:
+        out = torch.full((b, a), fill, dtype=values.dtype, device=values.device)
+        out[bi[member], ai[member]] = values[member]
+        return out
+
+    heads = {
+        "boxes": cb[keep], "scores": cs[keep], "labels": cl[keep].long(), "batch_idx": bi[keep].long(),
+        "head": torch.arange(len(keep), device=cs.device),
+    }
+    return TeacherClusters(
+        heads=heads,
+        head=dense(own_head, -1),
+        quality=dense(pairwise_iou(cb, cb[inc.cluster.clamp(min=0)]), 0.0),
+        score=dense(cs, 0.0),
+        logit=dense(logits[bi, ai, cl], 0.0),
+    )
+
+
+def student_assignment(
+    clusters: TeacherClusters, kept: torch.Tensor, M_weak: torch.Tensor, M_strong: torch.Tensor,
+    teacher_grid: list[tuple[int, int]], teacher_strides: list[float],
+    student_grid: list[tuple[int, int]], student_strides: list[float],
+) -> DenseAssignment:
+    """The clusters read on the student's grid of the strong view.
+
+    ``kept`` (K,): for each kept box (row of ``clusters.heads``) its row in the strong-view target
+    list, -1 when it did not survive the move into the strong view (its members are background).
+    """
+    src = pull_positions(M_weak, M_strong, teacher_grid, teacher_strides, student_grid, student_strides)
+    ok = src >= 0
+    at = src.clamp(min=0)
+    head = torch.where(ok, clusters.head.gather(1, at), torch.full_like(src, -1))
+    row = torch.where(head >= 0, kept[head.clamp(min=0)] if kept.numel() else torch.full_like(head, -1),
+                      torch.full_like(head, -1))
+    fg = row >= 0
+
+    def read(values: torch.Tensor) -> torch.Tensor:
+        return torch.where(fg, values.gather(1, at), torch.zeros_like(values.gather(1, at)))
+
+    return DenseAssignment(row, read(clusters.quality), read(clusters.score), read(clusters.logit))
