@@ -95,6 +95,12 @@ def test_teacher_clusters_follow_the_greedy_nms_per_image_and_class():
     assert float(c.score[where[1]]) == pytest.approx(0.8, abs=1e-4)
     assert float(c.logit[where[1]]) == pytest.approx(float(torch.logit(torch.tensor(0.8))), abs=1e-3)
     assert int((c.head >= 0).sum()) == 5  # the other positions are background
+    # task-aligned targets: score^0.5 IoU^6 over the kept box's (1 there), the same clusters
+    a = teacher_clusters(teacher, raw, (64, 64), tau1, iou=0.65, aligned=(0.5, 6.0))
+    assert torch.equal(a.head, c.head)
+    iou2 = float(pairwise_iou(b[2:3], b[0:1]))
+    assert float(a.quality[where[2]]) == pytest.approx((0.3 ** 0.5 * iou2 ** 6) / 0.9 ** 0.5, abs=1e-4)
+    assert float(a.quality[where[0]]) == pytest.approx(1.0) and float(a.quality[where[6]]) == pytest.approx(1.0)
 
 
 @pytest.fixture(scope="module")

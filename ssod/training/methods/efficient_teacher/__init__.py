@@ -117,6 +117,7 @@ class EfficientTeacher(Method):
         "uncertain_targets": ("soft", "ignore", "vector"),
         "strong_mix": MIX_MODES,
         "assignment": ("tal", "inverse_nms"),
+        "inc_target": ("aligned", "iou"),
     }
     ANY_LENGTH = ("teacher_scales",)
 
@@ -369,7 +370,10 @@ class EfficientTeacher(Method):
             if scales != [1.0]:
                 raise ValueError("efficient_teacher: assignment: inverse_nms needs the teacher's pass on the weak view as "
                                  f"drawn (teacher_scales [1.0], or one scale drawn from the file), got {scales}")
-            clusters = teacher_clusters(teacher, raw_t, tuple(unlabeled["weak"].shape[-2:]), tau1, c["nms_iou"])
+            tal = student.criterion().assigner
+            aligned = (float(tal.alpha), float(tal.beta)) if c["inc_target"] == "aligned" else None
+            clusters = teacher_clusters(teacher, raw_t, tuple(unlabeled["weak"].shape[-2:]), tau1, c["nms_iou"],
+                                        aligned)
             weak = clusters.heads
             weak["reliable"] = weak["scores"] >= tau2[weak["labels"]]
             weak["box_ok"] = weak["reliable"]

@@ -14,11 +14,13 @@ Choices the paper (written for Faster R-CNN) leaves open, for a dense head:
   Epoch Adaptor's per-class floor is where efficient_teacher stops counting a box as an object,
   so it plays the paper's tau (0.45 at the R-CNN stage); the clusters' kept boxes are then
   exactly the pseudo boxes the PLA would use (greedy NMS at the same IoU);
-* the class target of a member of a *reliable* cluster (kept score >= tau2[c]) is the IoU of its
-  teacher box with the kept box (an IoU-aware score, what YOLOv8's task-aligned targets and
-  GFL teach, instead of DTG's hard 1 under Focal loss: ultralytics' BCE head expects scores that
-  rank boxes by quality); box and DFL losses go to the kept box at those positions, weighted by
-  that target as ultralytics weights them;
+* the class target of a member of a *reliable* cluster (kept score >= tau2[c]) is an IoU-aware
+  score instead of DTG's hard 1 under Focal loss (ultralytics' BCE head expects scores that rank
+  boxes by quality): ``inc_target: aligned`` (default) the task-aligned metric of the teacher's
+  box and score there, normalised to 1 at the kept box (what TaskAlignedAssigner does with the
+  student's); ``iou`` its plain IoU with the kept box, which weighs every member almost fully
+  (measured: -4 / -3 mAP50-95 at the first evaluations, docs/benchmarks.md Run 30). Box and DFL
+  losses go to the kept box at those positions, weighted by that target as ultralytics weights them;
 * a member of an *uncertain* cluster gets the teacher's own score at that position as its soft
   class target (the PLA's soft target, read per position instead of per box) and no box loss;
 * Rank Matching (Eq. 4-5, T = 1, beta = 3 from the paper's Table 3) runs over every cluster's
@@ -73,9 +75,16 @@ def pairwise_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def teacher_clusters(
     teacher: "Detector", raw: list[torch.Tensor], img_hw: tuple[int, int], tau1: torch.Tensor, iou: float,
+    aligned: tuple[float, float] | None = None,
 ) -> TeacherClusters:
     """Inverse NMS Clustering of the teacher's dense output ``raw`` (its per-level maps on a view
-    of ``img_hw`` pixels), candidates scoring >= ``tau1`` (per class) in their best class."""
+    of ``img_hw`` pixels), candidates scoring >= ``tau1`` (per class) in their best class.
+
+    ``quality`` is each member's IoU with its kept box, or with ``aligned`` = (alpha, beta) the
+    task-aligned form of it: score^alpha * IoU^beta divided by the cluster's largest (the kept
+    box: 1), ultralytics' TaskAlignedAssigner target with the teacher's boxes and scores in place
+    of the student's, so a cluster weighs about what a task-aligned positive set does.
+    """
     decoded = teacher.decode(raw)  # (B, 4 + nc, A): xywh pixels + class probabilities
     b, _, a = decoded.shape
     p = decoded.transpose(1, 2).float()
@@ -100,6 +109,11 @@ def teacher_clusters(
         out[bi[member], ai[member]] = values[member]
         return out
 
+    quality = pairwise_iou(cb, cb[inc.cluster.clamp(min=0)])
+    if aligned is not None and len(cs):
+        metric = cs.pow(aligned[0]) * quality.pow(aligned[1])
+        top = torch.zeros_like(metric).scatter_reduce(0, inc.cluster.clamp(min=0), metric, "amax", include_self=False)
+        quality = metric / top[inc.cluster.clamp(min=0)].clamp(min=1e-9)
     heads = {
         "boxes": cb[keep], "scores": cs[keep], "labels": cl[keep].long(), "batch_idx": bi[keep].long(),
         "head": torch.arange(len(keep), device=cs.device),
@@ -107,7 +121,7 @@ def teacher_clusters(
     return TeacherClusters(
         heads=heads,
         head=dense(own_head, -1),
-        quality=dense(pairwise_iou(cb, cb[inc.cluster.clamp(min=0)]), 0.0),
+        quality=dense(quality, 0.0),
         score=dense(cs, 0.0),
         logit=dense(logits[bi, ai, cl], 0.0),
     )
