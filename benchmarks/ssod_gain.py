@@ -98,11 +98,12 @@ EXTRA_ROWS = {
     "et_ld": ("efficient_teacher", 0.1, {"ld_weight": 1.0}),
     # SED's strong view: the weak view's geometry (flip, letterbox; the teacher always at the larger scale)
     "et_strong_geo_weak": ("efficient_teacher", 0.1, {}, {"aug": {"strong_geometry": "weak"}}),
-    # DTG-SSOD's dense teacher guidance (seed 002): Inverse NMS Clustering assigns the student's positions, Rank
-    # Matching (beta 3) aligns its ranking in each cluster with the teacher's (assignment: inverse_nms)
+    # DTG-SSOD's dense teacher guidance (seed 002, assignment: inverse_nms): Inverse NMS Clustering assigns the
+    # student's positions (Run 30); with the paper's Rank Matching (beta 3), and with IoU member targets as well
     "et_inverse_nms": ("efficient_teacher", 0.1, {"assignment": "inverse_nms"}),
-    "et_inverse_nms_iou": ("efficient_teacher", 0.1, {"assignment": "inverse_nms", "inc_target": "iou"}),
-    "et_inverse_nms_no_rm": ("efficient_teacher", 0.1, {"assignment": "inverse_nms", "rm_weight": 0.0}),
+    "et_inverse_nms_rm3": ("efficient_teacher", 0.1, {"assignment": "inverse_nms", "rm_weight": 3.0}),
+    "et_inverse_nms_iou_rm3": ("efficient_teacher", 0.1, {"assignment": "inverse_nms", "inc_target": "iou",
+                                                          "rm_weight": 3.0}),
     "et_mixup_no_cutout": ("efficient_teacher", 0.1, {"strong_mix": "mixup"}, {"aug": {"strong_cutout": False}}),
     "et_scales_1_14": ("efficient_teacher", 0.1, {"teacher_scales": [1.0, 1.4]}),  # fused, 2.96x the pixels of [1.0]
     # one teacher pass at 1.4x or 1.2x instead of two (1.96x / 1.44x the pixels of the plain teacher, not 3.56x)

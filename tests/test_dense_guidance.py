@@ -154,20 +154,22 @@ def test_rank_matching_is_zero_when_the_student_ranks_as_the_teacher(student):
     assert float(none["rm"]) == 0.0 and float(none["cls_target"].sum()) == 0.0 and torch.isfinite(none["cls"])
 
 
-def test_inverse_nms_step_end_to_end(student, monkeypatch):
+@pytest.mark.parametrize("rm_weight", [None, 3.0])
+def test_inverse_nms_step_end_to_end(student, monkeypatch, rm_weight):
     """``assignment: inverse_nms``: the unlabeled half is assigned from the teacher's clusters (the
-    spy sees the assignment), the step gains a finite ``unsup_rm`` and trains the student only;
-    the options it cannot combine with are config errors."""
+    spy sees the assignment), the step trains the student only and, with ``rm_weight`` > 0 (off by
+    default), gains a finite ``unsup_rm``; the options it cannot combine with are config errors."""
     student = copy.deepcopy(student).train()
     teacher = _confident_teacher(student)
     labeled, unlabeled = _batches()
     calls = _spy_assigner(monkeypatch)
-    m = build_method("efficient_teacher", {"domain_adaptation": False, "assignment": "inverse_nms",
-                                           "teacher_scales": [1.0]})
+    cfg = {"domain_adaptation": False, "assignment": "inverse_nms", "teacher_scales": [1.0]}
+    m = build_method("efficient_teacher", cfg if rm_weight is None else {**cfg, "rm_weight": rm_weight})
     m.set_label_statistics([2, 1, 0], 2, names=NAMES)
     m.start_epoch()
     losses = m.losses(labeled, unlabeled, student, teacher)
-    assert set(losses) == {"sup", "unsup_cls", "unsup_box", "unsup_dfl", "unsup_rm"}
+    rm = {"unsup_rm"} if rm_weight else set()
+    assert set(losses) == {"sup", "unsup_cls", "unsup_box", "unsup_dfl"} | rm
     assignment = calls[1]["assignment"]
     assert assignment is not None and int((assignment.index >= 0).sum()) > 0
     assert int(assignment.index.max()) < len(calls[1]["targets"]["boxes"])
