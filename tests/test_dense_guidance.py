@@ -7,10 +7,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torchvision.ops import box_iou
 
 from ssod.training.methods.base import build_method
 from ssod.training.methods.efficient_teacher.assigner import PseudoLabelAssigner
-from ssod.training.methods.efficient_teacher.dense_guidance import DenseAssignment, pairwise_iou, teacher_clusters
+from ssod.training.methods.efficient_teacher.dense_guidance import DenseAssignment, teacher_clusters
 from ssod.training.pseudo_geometry import pull_positions
 from test_efficient_teacher import NAMES, S, _batches, _confident_teacher, _spy_assigner, _targets
 
@@ -90,7 +91,7 @@ def test_teacher_clusters_follow_the_greedy_nms_per_image_and_class():
     head_of = {w: int(c.head[w]) for w in where}
     assert [head_of[w] for w in where] == [0, 0, 0, -1, 1, -1, 2]  # the 0.3 box joins the 0.9 one; 0.05 is background
     b = torch.tensor(boxes, dtype=torch.float32)
-    assert float(c.quality[where[2]]) == pytest.approx(float(pairwise_iou(b[2:3], b[0:1])), abs=1e-5)
+    assert float(c.quality[where[2]]) == pytest.approx(float(box_iou(b[2:3], b[0:1])), abs=1e-5)
     assert float(c.quality[where[0]]) == pytest.approx(1.0)
     assert float(c.score[where[1]]) == pytest.approx(0.8, abs=1e-4)
     assert float(c.logit[where[1]]) == pytest.approx(float(torch.logit(torch.tensor(0.8))), abs=1e-3)
@@ -98,7 +99,7 @@ def test_teacher_clusters_follow_the_greedy_nms_per_image_and_class():
     # task-aligned targets: score^0.5 IoU^6 over the kept box's (1 there), the same clusters
     a = teacher_clusters(teacher, raw, (64, 64), tau1, iou=0.65, aligned=(0.5, 6.0))
     assert torch.equal(a.head, c.head)
-    iou2 = float(pairwise_iou(b[2:3], b[0:1]))
+    iou2 = float(box_iou(b[2:3], b[0:1]))
     assert float(a.quality[where[2]]) == pytest.approx((0.3 ** 0.5 * iou2 ** 6) / 0.9 ** 0.5, abs=1e-4)
     assert float(a.quality[where[0]]) == pytest.approx(1.0) and float(a.quality[where[6]]) == pytest.approx(1.0)
 

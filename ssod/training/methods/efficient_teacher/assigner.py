@@ -335,7 +335,7 @@ class PseudoLabelAssigner:
                 mask[..., None].float(),
             )
             target_gt_idx = target_gt_idx.long()
-        else:  # the teacher's clusters: reliable members learn their box's IoU with the kept box
+        else:  # the teacher's clusters: reliable members learn their IoU-aware quality (dense_guidance.py)
             fg_mask = assignment.index >= 0
             slots = image_slots(targets["batch_idx"], bsz)
             target_gt_idx = torch.zeros_like(assignment.index)

@@ -19,8 +19,9 @@ Choices the paper (written for Faster R-CNN) leaves open, for a dense head:
   boxes by quality): ``inc_target: aligned`` (default) the task-aligned metric of the teacher's
   box and score there, normalised to 1 at the kept box (what TaskAlignedAssigner does with the
   student's); ``iou`` its plain IoU with the kept box, which weighs every member almost fully
-  (measured with Rank Matching at 3: level with ``aligned`` at the first evaluations, Run 30). Box and DFL
-  losses go to the kept box at those positions, weighted by that target as ultralytics weights them;
+  (measured with Rank Matching at 3: level with ``aligned`` at the first evaluations, Run 30).
+  Box and DFL losses go to the kept box at those positions, weighted by that target as
+  ultralytics weights them;
 * a member of an *uncertain* cluster gets the teacher's own score at that position as its soft
   class target (the PLA's soft target, read per position instead of per box) and no box loss;
 * Rank Matching (Eq. 4-5, T = 1 from the paper's Table 3) runs over every cluster's members in
@@ -42,18 +43,19 @@ import torch
 from ssod.training.methods.two_stage.dtg_ops import inverse_nms_clustering
 from ssod.training.pseudo import PseudoLabels
 from ssod.training.pseudo_geometry import pull_positions
+from ssod.training.ultralytics_env import import_ultralytics
 
 if TYPE_CHECKING:
     from ssod.training.models.base import Detector
 
-__all__ = ["DenseAssignment", "TeacherClusters", "teacher_clusters", "student_assignment", "pairwise_iou"]
+__all__ = ["DenseAssignment", "TeacherClusters", "teacher_clusters", "student_assignment"]
 
 
 class DenseAssignment(NamedTuple):
     """Per student position (B, A): the target it is assigned to and what the teacher said there."""
 
     index: torch.Tensor    # long: row of the flat target list (the PLA's ``targets``), -1 = background
-    quality: torch.Tensor  # IoU of the teacher's box at this position with its cluster's kept box
+    quality: torch.Tensor  # a reliable member's class target: IoU-aware, 1 at the kept box (``inc_target``)
     score: torch.Tensor    # the teacher's score at this position in the cluster's class
     logit: torch.Tensor    # ... as a logit (Rank Matching's teacher side)
 
@@ -66,15 +68,6 @@ class TeacherClusters(NamedTuple):
     quality: torch.Tensor  # (B, A_t)
     score: torch.Tensor    # (B, A_t)
     logit: torch.Tensor    # (B, A_t)
-
-
-def pairwise_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """IoU of row i of ``a`` with row i of ``b`` (xyxy, (N, 4) each) -> (N,)."""
-    lt = torch.maximum(a[:, :2], b[:, :2])
-    rb = torch.minimum(a[:, 2:], b[:, 2:])
-    inter = (rb - lt).clamp(min=0).prod(1)
-    area = (a[:, 2:] - a[:, :2]).clamp(min=0).prod(1) + (b[:, 2:] - b[:, :2]).clamp(min=0).prod(1)
-    return inter / (area - inter).clamp(min=1e-9)
 
 
 @torch.no_grad()
@@ -114,7 +107,10 @@ def teacher_clusters(
         out[bi[member], ai[member]] = values[member]
         return out
 
-    quality = pairwise_iou(cb, cb[inc.cluster.clamp(min=0)])
+    import_ultralytics()
+    from ultralytics.utils.metrics import bbox_iou
+
+    quality = bbox_iou(cb, cb[inc.cluster.clamp(min=0)], xywh=False).squeeze(-1)  # row with row
     if aligned is not None and len(cs):
         metric = cs.pow(aligned[0]) * quality.pow(aligned[1])
         top = torch.zeros_like(metric).scatter_reduce(0, inc.cluster.clamp(min=0), metric, "amax", include_self=False)
