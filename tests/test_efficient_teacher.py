@@ -503,8 +503,8 @@ def test_efficient_teacher_labeled_norm_passes_the_labeled_mass_as_floor(student
     calls: list[tuple[float | None, float]] = []
     original = PseudoLabelAssigner.__call__
 
-    def spy(self, raw, targets, ignore=None, min_norm=None, background=None):
-        out = original(self, raw, targets, ignore, min_norm, background)
+    def spy(self, raw, targets, ignore=None, min_norm=None, background=None, **kw):
+        out = original(self, raw, targets, ignore, min_norm, background, **kw)
         calls.append((None if min_norm is None else float(min_norm), float(out["norm"])))
         return out
 
@@ -842,8 +842,8 @@ def test_teacher_background_gives_unassigned_positions_the_teacher_scores(studen
     original = PseudoLabelAssigner.__call__
     mode = ""
 
-    def spy(self, raw, targets, ignore=None, min_norm=None, background=None):
-        out = original(self, raw, targets, ignore, min_norm, background)
+    def spy(self, raw, targets, ignore=None, min_norm=None, background=None, **kw):
+        out = original(self, raw, targets, ignore, min_norm, background, **kw)
         seen[mode] = (out, background, targets)
         return out
 
