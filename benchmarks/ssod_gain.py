@@ -102,6 +102,8 @@ EXTRA_ROWS = {
     # student's positions (Run 30); with the paper's Rank Matching (beta 3), and with IoU member targets as well
     "et_inverse_nms": ("efficient_teacher", 0.1, {"assignment": "inverse_nms"}),
     "et_inverse_nms_rm3": ("efficient_teacher", 0.1, {"assignment": "inverse_nms", "rm_weight": 3.0}),
+    # Rank Matching at the paper's balance on ultralytics' scale (3 / 12: per member, beta 3 weighs ~12x the class loss)
+    "et_inverse_nms_rm025": ("efficient_teacher", 0.1, {"assignment": "inverse_nms", "rm_weight": 0.25}),
     "et_inverse_nms_iou_rm3": ("efficient_teacher", 0.1, {"assignment": "inverse_nms", "inc_target": "iou",
                                                           "rm_weight": 3.0}),
     "et_mixup_no_cutout": ("efficient_teacher", 0.1, {"strong_mix": "mixup"}, {"aug": {"strong_cutout": False}}),
