@@ -65,7 +65,7 @@ class TeacherClusters(NamedTuple):
 
     heads: PseudoLabels    # boxes, scores, labels, batch_idx, head (= row number), in the weak view
     head: torch.Tensor     # (B, A_t) long: the kept box (row of ``heads``) each position belongs to, -1 = none
-    quality: torch.Tensor  # (B, A_t)
+    quality: torch.Tensor  # (B, A_t) as ``DenseAssignment``'s, on the teacher's grid
     score: torch.Tensor    # (B, A_t)
     logit: torch.Tensor    # (B, A_t)
 
@@ -147,6 +147,7 @@ def student_assignment(
     fg = row >= 0
 
     def read(values: torch.Tensor) -> torch.Tensor:
-        return torch.where(fg, values.gather(1, at), torch.zeros_like(values.gather(1, at)))
+        v = values.gather(1, at)
+        return torch.where(fg, v, torch.zeros_like(v))
 
     return DenseAssignment(row, read(clusters.quality), read(clusters.score), read(clusters.logit))
