@@ -155,6 +155,15 @@ def paint_rects(img: torch.Tensor, rects: torch.Tensor, apply: torch.Tensor) -> 
     return img
 
 
+def _cell_centres(h: int, w: int, step_y: float, step_x: float, device: torch.device) -> torch.Tensor:
+    """(1, H*W, 3) homogeneous pixel centres of an H x W grid of cells step_y x step_x px, row-major
+    (ultralytics' anchor points times the stride)."""
+    ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) * step_y
+    xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) * step_x
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack((gx, gy, torch.ones_like(gx)), -1).reshape(1, h * w, 3)
+
+
 def resample_maps(maps: list[torch.Tensor], M_from: torch.Tensor, M_to: torch.Tensor, canvas: int) -> torch.Tensor:
     """Dense per-level maps of view ``from`` read at the grid-cell centres of view ``to``.
 
@@ -169,11 +178,7 @@ def resample_maps(maps: list[torch.Tensor], M_from: torch.Tensor, M_to: torch.Te
     out = []
     for m in maps:
         b, _, h, w = m.shape
-        ys = (torch.arange(h, device=m.device, dtype=torch.float32) + 0.5) * (canvas / h)
-        xs = (torch.arange(w, device=m.device, dtype=torch.float32) + 0.5) * (canvas / w)
-        gy, gx = torch.meshgrid(ys, xs, indexing="ij")
-        pts = torch.stack((gx, gy, torch.ones_like(gx)), -1).reshape(1, h * w, 3)  # (1, HW, 3)
-        src = pts @ T[:, :2].transpose(1, 2)  # (B, HW, 2) pixels of view ``from``
+        src = _cell_centres(h, w, canvas / h, canvas / w, m.device) @ T[:, :2].transpose(1, 2)  # (B, HW, 2)
         grid = (src * (2.0 / canvas) - 1.0).reshape(b, h, w, 2)  # align_corners=False convention
         out.append(F.grid_sample(m.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False).flatten(2))
     return torch.cat(out, 2).transpose(1, 2).to(maps[0].dtype)
@@ -208,11 +213,7 @@ def pull_positions(
     out = []
     for (h, w), s in zip(to_grid, to_strides):
         level = ((torch.log2(s * scale))[:, None] - log_from[None]).abs().argmin(1)  # (B,)
-        ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) * s
-        xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) * s
-        gy, gx = torch.meshgrid(ys, xs, indexing="ij")
-        pts = torch.stack((gx, gy, torch.ones_like(gx)), -1).reshape(1, h * w, 3)
-        src = pts @ T[:, :2].transpose(1, 2)  # (B, HW, 2) pixels of view ``from``
+        src = _cell_centres(h, w, s, s, device) @ T[:, :2].transpose(1, 2)  # (B, HW, 2) pixels of view ``from``
         st = strides[level][:, None]
         j = torch.floor(src[..., 0] / st).long()
         i = torch.floor(src[..., 1] / st).long()

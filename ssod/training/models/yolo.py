@@ -121,6 +121,14 @@ def nms_per_image(
     return keep[rank < max_det]
 
 
+def clipped_xyxy(xywh: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """Centre-size boxes (..., 4) -> corner boxes clipped to an ``hw`` image (decoded head outputs)."""
+    xy, wh = xywh[..., :2], xywh[..., 2:4]
+    boxes = torch.cat((xy - wh / 2, xy + wh / 2), -1)
+    h, w = hw
+    return torch.minimum(boxes.clamp(min=0), boxes.new_tensor([w, h, w, h]))
+
+
 def dense_nms(
     pred: torch.Tensor, conf: float, iou: float, max_det: int, hw: tuple[int, int], max_nms: int = 30000
 ) -> list[Detections]:
@@ -135,10 +143,7 @@ def dense_nms(
     top, idx = scores.topk(k, dim=1)  # bound NMS cost per image like ultralytics' max_nms
     bi, ki = (top > conf).nonzero(as_tuple=True)
     ai = idx[bi, ki]
-    xywh = p[bi, ai, :4]
-    boxes = torch.cat((xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2), 1)
-    h, w = hw
-    boxes = torch.minimum(boxes.clamp(min=0), boxes.new_tensor([w, h, w, h]))
+    boxes = clipped_xyxy(p[bi, ai, :4], hw)
     s, lab = scores[bi, ai], labels[bi, ai]
     keep = nms_per_image(boxes, s, lab, bi, iou, max_det, b, pred.shape[1] - 4)
     sizes = torch.bincount(bi[keep], minlength=b).tolist()

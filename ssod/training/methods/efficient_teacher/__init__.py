@@ -366,7 +366,8 @@ class EfficientTeacher(Method):
         self.meter.add_quality("pl_reliable", select(weak, weak["reliable"]), unlabeled, iou=c["quality_iou"])
 
         guidance = None
-        if c["assignment"] == "inverse_nms":  # DTG: the targets are the teacher's NMS clusters
+        if c["assignment"] == "inverse_nms":  # DTG: the targets are the teacher's NMS clusters (the same
+            # maps decoded again: the pass above stays, its NMS at the floor feeds the adaptor and the meter)
             if scales != [1.0]:
                 raise ValueError("efficient_teacher: assignment: inverse_nms needs the teacher's pass on the weak view as "
                                  f"drawn (teacher_scales [1.0], or one scale drawn from the file), got {scales}")

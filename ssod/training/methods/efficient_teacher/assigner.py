@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from ssod.training.methods.efficient_teacher.dense_guidance import DenseAssignment
 from ssod.training.methods.efficient_teacher.localization_distillation import edge_support, edge_targets, ld_loss
 from ssod.training.methods.two_stage.dtg_ops import rank_matching_loss
-from ssod.training.models.yolo import nms_per_image
+from ssod.training.models.yolo import clipped_xyxy, nms_per_image
 from ssod.training.pseudo import PseudoLabels, eval_mode, on_enlarged
 from ssod.training.ultralytics_env import import_ultralytics
 
@@ -136,10 +136,7 @@ def dense_teacher_detections(
     top, idx = scores.topk(min(max_nms, a), dim=1)
     bi, ki = (top >= conf).nonzero(as_tuple=True)
     ai = idx[bi, ki]
-    xywh = p[bi, ai, :4]
-    boxes = torch.cat((xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2), 1)
-    h, w = img.shape[-2:]
-    boxes = torch.minimum(boxes.clamp(min=0), boxes.new_tensor([w, h, w, h]))
+    boxes = clipped_xyxy(p[bi, ai, :4], tuple(img.shape[-2:]))
     s, lab = scores[bi, ai], labels[bi, ai]
     keep = nms_per_image(boxes, s, lab, bi, iou, max_det, b, nc)
     dist = torch.cat([x[:, : 4 * r].flatten(2) for x in raw], 2)  # (B, 4R, A)

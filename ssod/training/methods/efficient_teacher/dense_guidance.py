@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 from ssod.training.methods.two_stage.dtg_ops import inverse_nms_clustering
+from ssod.training.models.yolo import clipped_xyxy
 from ssod.training.pseudo import PseudoLabels
 from ssod.training.pseudo_geometry import pull_positions
 from ssod.training.ultralytics_env import import_ultralytics
@@ -87,10 +88,7 @@ def teacher_clusters(
     b, _, a = decoded.shape
     p = decoded.transpose(1, 2).float()
     scores, labels = p[..., 4:].max(-1)  # (B, A)
-    h, w = img_hw
-    xy, wh = p[..., :2], p[..., 2:4]
-    boxes = torch.cat((xy - wh / 2, xy + wh / 2), -1)
-    boxes = torch.minimum(boxes.clamp(min=0), boxes.new_tensor([w, h, w, h]))
+    boxes = clipped_xyxy(p[..., :4], img_hw)
     bi, ai = (scores >= tau1.to(scores)[labels]).nonzero(as_tuple=True)
     cb, cs, cl = boxes[bi, ai], scores[bi, ai], labels[bi, ai]
     inc = inverse_nms_clustering(cb, cs, cl, score_thr=0.0, iou_thr=iou, group=bi)
