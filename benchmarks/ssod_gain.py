@@ -106,6 +106,8 @@ EXTRA_ROWS = {
     "et_inverse_nms_rm025": ("efficient_teacher", 0.1, {"assignment": "inverse_nms", "rm_weight": 0.25}),
     "et_inverse_nms_iou_rm3": ("efficient_teacher", 0.1, {"assignment": "inverse_nms", "inc_target": "iou",
                                                           "rm_weight": 3.0}),
+    # class-agnostic teacher NMS: no second box of another class on the same object (Run 32)
+    "et_nms_agnostic": ("efficient_teacher", 0.1, {"nms_agnostic": True}),
     "et_mixup_no_cutout": ("efficient_teacher", 0.1, {"strong_mix": "mixup"}, {"aug": {"strong_cutout": False}}),
     "et_scales_1_14": ("efficient_teacher", 0.1, {"teacher_scales": [1.0, 1.4]}),  # fused, 2.96x the pixels of [1.0]
     # one teacher pass at 1.4x or 1.2x instead of two (1.96x / 1.44x the pixels of the plain teacher, not 3.56x)

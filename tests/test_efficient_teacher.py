@@ -269,6 +269,38 @@ def test_multiscale_teacher_keeps_each_scale_in_its_size_range(student):
 
 
 # ----------------------------------------------------------------------------------- Epoch Adaptor
+@pytest.mark.parametrize("scales", [[1.0], [1.5], [1.0, 1.5]])
+def test_agnostic_teacher_nms_leaves_no_overlap_between_classes(student, scales):
+    """nms_agnostic: no kept box overlaps a kept box of another class by more than the NMS IoU; the
+    class-aware default keeps such pairs (the runner-up class of a neighbouring position)."""
+    from torchvision.ops import box_iou
+
+    teacher = copy.deepcopy(student).eval()
+    with torch.no_grad():  # classes 0 and 1 about level (the top one varies by position), boxes 8 cells wide
+        for i in range(3):
+            cls, box = teacher.head.cv3[i][-1], teacher.head.cv2[i][-1]
+            cls.bias.fill_(-10.0)
+            cls.bias[:2] = 2.0
+            box.weight.zero_()
+            box.bias.fill_(-10.0)
+            box.bias.view(4, -1)[:, 4] = 10.0
+    torch.manual_seed(2)
+    img = torch.rand(2, 3, S, S)
+
+    def cross_class_overlaps(d) -> int:
+        n = 0
+        for i in range(2):
+            m = d["batch_idx"] == i
+            iou = box_iou(d["boxes"][m], d["boxes"][m]).fill_diagonal_(0)
+            n += int(((iou > 0.65) & (d["labels"][m][:, None] != d["labels"][m][None])).sum())
+        return n
+
+    aware = multiscale_teacher_detections(teacher, img, 0.0, 0.65, 300, scales)
+    agnostic = multiscale_teacher_detections(teacher, img, 0.0, 0.65, 300, scales, agnostic=True)
+    assert cross_class_overlaps(aware) > 0
+    assert cross_class_overlaps(agnostic) == 0 and 0 < len(agnostic["scores"]) < len(aware["scores"])
+
+
 def test_threshold_for_count_is_the_right_quantile_of_uniform_scores():
     n, bins = 10000, 1000
     scores = (torch.arange(n) + 0.5) / n  # uniform on [0, 1]

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from ssod.training.models.base import build_model, family_of
-from ssod.training.models.yolo import YoloDetector, dense_nms, to_ultralytics_batch
+from ssod.training.models.yolo import YoloDetector, dense_nms, nms_per_image, to_ultralytics_batch
 
 NAMES = ["cat", "dog", "bird"]
 TINY = {"names": NAMES, "width": 0.125, "depth": 0.33}
@@ -215,6 +215,17 @@ def test_dense_nms_per_image_and_class():
     torch.testing.assert_close(out[0]["boxes"][0], torch.tensor([15.0, 15.0, 25.0, 25.0]))
     assert out[1]["labels"].tolist() == [0, 1]  # class-aware: overlapping boxes of different classes stay
     assert [len(d["scores"]) for d in dense_nms(pred, 0.25, 0.5, 1, (64, 64))] == [1, 1]
+
+
+def test_nms_per_image_agnostic_drops_other_classes_only_within_an_image():
+    boxes = torch.tensor([[0, 0, 10, 10], [1, 0, 11, 10], [0, 0, 10, 10], [30, 30, 40, 40]]).float()
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6])
+    labels = torch.tensor([0, 1, 1, 1])
+    batch_idx = torch.tensor([0, 0, 1, 0])
+    aware = nms_per_image(boxes, scores, labels, batch_idx, 0.5, 10, 2, 2)
+    agnostic = nms_per_image(boxes, scores, labels, batch_idx, 0.5, 10, 2, 2, agnostic=True)
+    assert aware.tolist() == [0, 1, 3, 2]  # grouped by image, score order inside
+    assert agnostic.tolist() == [0, 3, 2]  # box 1 (class 1 on class 0's box) goes; image 1's box stays
 
 
 def test_deepcopy_and_state_dict_round_trip():

@@ -109,11 +109,12 @@ def to_ultralytics_batch(batch: Batch) -> dict[str, torch.Tensor]:
 
 def nms_per_image(
     boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, batch_idx: torch.Tensor,
-    iou: float, max_det: int, batch_size: int, nc: int,
+    iou: float, max_det: int, batch_size: int, nc: int, agnostic: bool = False,
 ) -> torch.Tensor:
-    """Indices kept by class-aware NMS (one ``batched_nms`` for the batch), grouped by image in
-    score order, at most ``max_det`` per image."""
-    keep = torchvision.ops.batched_nms(boxes, scores, batch_idx * nc + labels, iou)  # score-descending
+    """Indices kept by class-aware NMS (class-agnostic with ``agnostic``; one ``batched_nms`` for the
+    batch), grouped by image in score order, at most ``max_det`` per image."""
+    groups = batch_idx if agnostic else batch_idx * nc + labels
+    keep = torchvision.ops.batched_nms(boxes, scores, groups, iou)  # score-descending
     keep = keep[torch.sort(batch_idx[keep], stable=True).indices]  # group by image, score order kept inside
     img_of = batch_idx[keep]
     counts = torch.bincount(img_of, minlength=batch_size)

@@ -345,7 +345,7 @@ class EfficientTeacher(Method):
         need_1x = 1.0 in scales or c["unsup_background"] == "teacher"
         raw_t = teacher_raw(teacher, unlabeled["weak"]) if need_1x else None
         weak = multiscale_teacher_detections(teacher, unlabeled["weak"], floor, c["nms_iou"], c["max_det"], scales,
-                                             raw=raw_t)
+                                             raw=raw_t, agnostic=c["nms_agnostic"])
         bu = int(unlabeled["weak"].shape[0])
         if c["adaptive_thresholds"]:
             self.observe_teacher(adaptor, weak["scores"], weak["labels"], bu)

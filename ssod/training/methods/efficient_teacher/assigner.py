@@ -116,7 +116,7 @@ def class_maps(raw: list[torch.Tensor], reg_max: int) -> list[torch.Tensor]:
 @torch.no_grad()
 def dense_teacher_detections(
     teacher: "Detector", img: torch.Tensor, conf: float, iou: float, max_det: int, max_nms: int = 30000,
-    raw: list[torch.Tensor] | None = None,
+    raw: list[torch.Tensor] | None = None, agnostic: bool = False,
 ) -> PseudoLabels:
     """Teacher detections on ``img`` with each box's DFL ``loc_quality`` (flat ``PseudoLabels``).
 
@@ -138,7 +138,7 @@ def dense_teacher_detections(
     ai = idx[bi, ki]
     boxes = clipped_xyxy(p[bi, ai, :4], tuple(img.shape[-2:]))
     s, lab = scores[bi, ai], labels[bi, ai]
-    keep = nms_per_image(boxes, s, lab, bi, iou, max_det, b, nc)
+    keep = nms_per_image(boxes, s, lab, bi, iou, max_det, b, nc, agnostic)
     dist = torch.cat([x[:, : 4 * r].flatten(2) for x in raw], 2)  # (B, 4R, A)
     kept_dist = dist[bi[keep], :, ai[keep]].reshape(-1, 4, r)
     import_ultralytics()
@@ -162,20 +162,20 @@ def dense_teacher_detections(
 @torch.no_grad()
 def scaled_teacher_detections(
     teacher: "Detector", img: torch.Tensor, conf: float, iou: float, max_det: int, scale: float,
-    raw: list[torch.Tensor] | None = None,
+    raw: list[torch.Tensor] | None = None, agnostic: bool = False,
 ) -> PseudoLabels:
     """Teacher detections on ``img`` enlarged ``scale`` times (bilinear, to a stride multiple),
     boxes mapped back into ``img`` pixels. ``scale`` 1 is the plain pass (and may reuse ``raw``)."""
     if scale == 1.0:
-        return dense_teacher_detections(teacher, img, conf, iou, max_det, raw=raw)
-    return on_enlarged(lambda x: dense_teacher_detections(teacher, x, conf, iou, max_det), img, scale,
+        return dense_teacher_detections(teacher, img, conf, iou, max_det, raw=raw, agnostic=agnostic)
+    return on_enlarged(lambda x: dense_teacher_detections(teacher, x, conf, iou, max_det, agnostic=agnostic), img, scale,
                        max_stride(teacher))
 
 
 @torch.no_grad()
 def multiscale_teacher_detections(
     teacher: "Detector", img: torch.Tensor, conf: float, iou: float, max_det: int, scales: list[float],
-    raw: list[torch.Tensor] | None = None,
+    raw: list[torch.Tensor] | None = None, agnostic: bool = False,
 ) -> PseudoLabels:
     """Teacher detections fused over enlarged copies of ``img`` (scale-aware test-time augmentation).
 
@@ -191,18 +191,18 @@ def multiscale_teacher_detections(
     """
     wanted = sorted({float(x) for x in scales})
     if len(wanted) == 1:
-        return scaled_teacher_detections(teacher, img, conf, iou, max_det, wanted[0], raw=raw)
+        return scaled_teacher_detections(teacher, img, conf, iou, max_det, wanted[0], raw=raw, agnostic=agnostic)
     if wanted[0] != 1.0:
         raise ValueError(f"teacher_scales: several scales must include 1.0 (the pass for large objects), got {scales}")
     cell = float(torch.as_tensor(teacher.stride).min())
-    base = dense_teacher_detections(teacher, img, conf, iou, max_det, raw=raw)
+    base = dense_teacher_detections(teacher, img, conf, iou, max_det, raw=raw, agnostic=agnostic)
     parts = [{k: v[side_of(base["boxes"]) >= 2 * cell] for k, v in base.items()}]
     for f in wanted[1:]:
-        d = scaled_teacher_detections(teacher, img, conf, iou, max_det, f)
+        d = scaled_teacher_detections(teacher, img, conf, iou, max_det, f, agnostic=agnostic)
         parts.append({k: v[side_of(d["boxes"]) < 4 * cell] for k, v in d.items()})
     fused = {k: torch.cat([p[k] for p in parts]) for k in base}
     keep = nms_per_image(fused["boxes"], fused["scores"], fused["labels"], fused["batch_idx"], iou, max_det,
-                         int(img.shape[0]), len(teacher.names))
+                         int(img.shape[0]), len(teacher.names), agnostic)
     return {k: v[keep] for k, v in fused.items()}
 
 
