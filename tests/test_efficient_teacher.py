@@ -276,14 +276,15 @@ def test_agnostic_teacher_nms_leaves_no_overlap_between_classes(student, scales)
     from torchvision.ops import box_iou
 
     teacher = copy.deepcopy(student).eval()
-    with torch.no_grad():  # classes 0 and 1 about level (the top one varies by position), boxes 8 cells wide
-        for i in range(3):
+    with torch.no_grad():  # level i: class i, every box 64 px wide -> the levels' boxes overlap across classes
+        for i, stride in enumerate(teacher.stride.tolist()):
             cls, box = teacher.head.cv3[i][-1], teacher.head.cv2[i][-1]
+            cls.weight.zero_()
             cls.bias.fill_(-10.0)
-            cls.bias[:2] = 2.0
+            cls.bias[i] = 2.0
             box.weight.zero_()
             box.bias.fill_(-10.0)
-            box.bias.view(4, -1)[:, 4] = 10.0
+            box.bias.view(4, -1)[:, int(32 // stride)] = 10.0
     torch.manual_seed(2)
     img = torch.rand(2, 3, S, S)
 
