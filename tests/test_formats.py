@@ -185,6 +185,25 @@ def test_coco_splits_parse_to_the_same_samples(yolo: Path):
     assert len(gt["annotations"]) == len(ref.val_coco["annotations"]) + 1
 
 
+def test_coco_categories_map_to_yaml_names_by_name(yolo: Path, caplog):
+    """data.yaml names in another order than the JSON's categories: by name, not id order (a silent swap);
+    other names: id order, with a warning naming the file and the pairing."""
+    _coco_json(yolo / "ann" / "val.json", VAL)  # categories 3 'cat', 7 'dog'
+    ref = load_dataset(_yaml(yolo, "train: images/train\nval: images/val\nnames: [cat, dog]\n", "ref.yaml"))
+    val = "val: {images: images/val, annotations: ann/val.json}\n"
+    swapped = load_dataset(_yaml(yolo, "train: images/train\n" + val + "names: [dog, cat]\n", "swapped.yaml"))
+    assert swapped.names == ["dog", "cat"]
+    a, b = _by_name(ref.val), _by_name(swapped.val)
+    for k in a:
+        np.testing.assert_array_equal(b[k].cls, 1 - a[k].cls)
+    assert [c["name"] for c in swapped.val_coco["categories"]] == ["dog", "cat"]
+    caplog.clear()
+    renamed = load_dataset(_yaml(yolo, "train: images/train\n" + val + "names: [kitten, puppy]\n", "renamed.yaml"))
+    for k in a:
+        np.testing.assert_array_equal(_by_name(renamed.val)[k].cls, a[k].cls)
+    assert "val.json" in caplog.text and "3 'cat' -> 'kitten', 7 'dog' -> 'puppy'" in caplog.text
+
+
 def test_coco_unknown_category_is_an_error(yolo: Path):
     _coco_json(yolo / "ann" / "val.json", VAL)
     js = json.loads((yolo / "ann" / "val.json").read_text())

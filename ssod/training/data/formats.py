@@ -251,7 +251,10 @@ class _CocoSplit:
     areas: list[np.ndarray]  # per sample: COCO 'area' of each kept box (NaN if absent)
 
 
-def _load_coco_split(images_dir: Path, ann_file: Path, issues: _Issues, nc: int | None) -> _CocoSplit:
+def _load_coco_split(images_dir: Path, ann_file: Path, issues: _Issues, names: list[str] | None) -> _CocoSplit:
+    """One COCO split. With ``names`` (data.yaml's) the categories map to them by name when the JSON has
+    the same names in another order (id order would swap classes silently); with other names, by id
+    order, and a warning says which category became which class."""
     src = str(ann_file)
     try:
         with open(ann_file, encoding="utf-8") as f:
@@ -262,12 +265,18 @@ def _load_coco_split(images_dir: Path, ann_file: Path, issues: _Issues, nc: int 
         raise DatasetError(f"{src}: not a COCO detection file (needs 'images' and 'categories' lists)")
     cats = sorted(js["categories"], key=lambda c: c["id"])
     cat_ids = [c["id"] for c in cats]
-    names = [str(c.get("name", c["id"])) for c in cats]
+    cat_names = [str(c.get("name", c["id"])) for c in cats]
     if len(set(cat_ids)) != len(cat_ids):
         raise DatasetError(f"{src}: duplicate category ids")
-    if nc is not None and len(cats) != nc:
-        raise DatasetError(f"{src}: {len(cats)} categories but names has {nc} classes")
+    if names is not None and len(cats) != len(names):
+        raise DatasetError(f"{src}: {len(cats)} categories but names has {len(names)} classes")
     cat_index = {cid: i for i, cid in enumerate(cat_ids)}
+    if names is not None and cat_names != list(names):
+        if sorted(cat_names) == sorted(names) and len(set(names)) == len(names):
+            cat_index = {cid: list(names).index(n) for cid, n in zip(cat_ids, cat_names)}
+        else:
+            pairs = ", ".join(f"{cid} {n!r} -> {names[i]!r}" for i, (cid, n) in enumerate(zip(cat_ids, cat_names)))
+            issues.add(src, f"category names differ from data.yaml names; mapped by id order: {pairs}", "names")
 
     images = js["images"]
     bad = next((im for im in images if not isinstance(im, dict) or "id" not in im or "file_name" not in im), None)
@@ -342,7 +351,7 @@ def _load_coco_split(images_dir: Path, ann_file: Path, issues: _Issues, nc: int 
                               (int(sizes[i, 0]), int(sizes[i, 1]))))
         crowds.append(crowd_by_img.get(int(i), []))
         areas.append(area[sel[s:e]])
-    return _CocoSplit(samples, names, crowds, areas)
+    return _CocoSplit(samples, list(names) if names is not None else cat_names, crowds, areas)
 
 
 # ----------------------------------------------------------------------------- val COCO gt
@@ -518,7 +527,7 @@ def load_dataset(yaml_path: str | os.PathLike, check: str = "clip") -> DatasetSp
     def coco_split(key: str) -> _CocoSplit:
         nonlocal coco_names
         images_dir, ann = _coco_paths(ctx, key, data[key])
-        split = _load_coco_split(images_dir, ann, issues, len(names) if names else None)
+        split = _load_coco_split(images_dir, ann, issues, names)
         if names is None:
             if coco_names is not None and split.names != coco_names:
                 raise ctx.err(key, f"categories {split.names} differ from the other split's {coco_names}")
