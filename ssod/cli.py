@@ -30,6 +30,8 @@ def clean_errors(fn: Callable) -> Callable:
         _setup_logging()
         try:
             return fn(*args, **kwargs)
+        except typer.Exit:  # a RuntimeError subclass: a command's own exit code passes through
+            raise
         except (FileNotFoundError, ValueError, RuntimeError, OSError) as e:
             if os.environ.get("SSOD_TRACEBACK"):
                 raise

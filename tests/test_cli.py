@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 from typer.testing import CliRunner
@@ -24,6 +25,12 @@ def test_train_then_eval(tiny_demo, tmp_path):
     saved = json.loads((weights.parent / "last_eval_teacher.json").read_text())
     assert set(saved["metrics"]) >= {"mAP50-95", "mAP50", "mAP75"}
     assert len(saved["per_class"]) == 10
+    if importlib.util.find_spec("tensorrt") is None:  # the engine is left to the GPU machine: exit code 3, one error
+        r = runner.invoke(app, ["export", str(weights), "--format", "trt", "--out", str(tmp_path / "m.engine")])
+        assert r.exit_code == 3, r.output
+        errors = [ln for ln in r.output.splitlines() if ln.startswith("error:")]
+        assert len(errors) == 1 and "TensorRT is not installed" in errors[0]
+        assert (tmp_path / "m.onnx").exists() and (tmp_path / "m.engine.json").exists()
 
 
 def test_bad_data_path_is_one_line_error(tmp_path):
