@@ -385,6 +385,12 @@ def test_calibration_reader_preprocesses_like_runtime_and_skips_bad_files(work):
     assert reader.get_next()["images"].shape[0] == 4 and reader.get_next() is None
     fixed = CalibrationReader(good[:3], meta, batch=2, fixed_batch=True)
     assert [b["images"].shape[0] for b in fixed] == [2]
+    # fewer than all: every unreadable file drawn is replaced by a readable one, so the set keeps its size
+    for size in (5, 9):
+        skipped = SkipReport()
+        some = CalibrationReader.from_folder(work / "calib", meta, size=size, skipped=skipped)
+        assert some.num_images == size
+        assert size + len(skipped.items) <= 13
 
 
 def test_calibration_errors_are_clear(work, tmp_path):
@@ -394,7 +400,8 @@ def test_calibration_errors_are_clear(work, tmp_path):
         CalibrationReader.from_folder(tmp_path, meta)
     with pytest.raises(ValueError, match="no unlabeled images|pass --calib"):
         export_model(work / "tiny.pt", int8=True, out=tmp_path / "x.onnx")  # checkpoint names no data
-    assert len(select_calibration_images([f"{i}.jpg" for i in range(50)], 8)) == 8
+    chosen = select_calibration_images([f"{i}.jpg" for i in range(50)], 8)
+    assert len(chosen) == 8 == len(set(chosen)) and chosen == sorted(chosen, key=lambda p: int(p.stem))
 
 
 # ------------------------------------------------------------------------------------- CLI

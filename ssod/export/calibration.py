@@ -31,20 +31,25 @@ except ImportError:  # pragma: no cover
 
 def select_calibration_images(paths: Sequence[str | Path], size: int, seed: int = 0) -> list[Path]:
     """``size`` paths spread over the whole list (seeded sample, then sorted for reproducible order)."""
+    return calibration_order(paths, size, seed)[:size]
+
+
+def calibration_order(paths: Sequence[str | Path], size: int, seed: int = 0) -> list[Path]:
+    """Every path: first ``size`` spread over the list (seeded sample, sorted), then the others in a seeded
+    order, as spares for chosen images that turn out unreadable."""
     paths = [Path(p) for p in paths]
     if size <= 0:
         raise ValueError(f"calib-size must be >= 1, got {size}")
-    if len(paths) <= size:
-        return paths
-    idx = np.sort(np.random.default_rng(seed).choice(len(paths), size, replace=False))
-    return [paths[i] for i in idx]
+    order = np.random.default_rng(seed).permutation(len(paths))
+    return [paths[i] for i in (*np.sort(order[:size]), *order[size:])]
 
 
 class CalibrationReader(_Base):
     """onnxruntime ``CalibrationDataReader`` yielding ``{input_name: (b, 3, S, S) float32}`` batches.
 
     ``fixed_batch``: the model's batch is static, so every batch has exactly that many images
-    (the remainder is dropped; with fewer images than one batch, images repeat).
+    (the remainder is dropped; with fewer images than one batch, images repeat). ``limit``: stop
+    reading once that many images decoded (later ``images`` stand in for unreadable earlier ones).
     """
 
     def __init__(
@@ -55,6 +60,7 @@ class CalibrationReader(_Base):
         batch: int = 8,
         fixed_batch: bool = False,
         skipped: SkipReport | None = None,
+        limit: int | None = None,
     ):
         self.meta = meta
         self.input_name = input_name
@@ -62,6 +68,8 @@ class CalibrationReader(_Base):
         pad = pad_value(meta)
         canvases = []
         for p in images:
+            if limit is not None and len(canvases) >= limit:
+                break
             try:
                 canvases.append(letterbox(read_image(p), meta.imgsz, pad)[0])
             except ImageReadError as e:
@@ -88,11 +96,12 @@ class CalibrationReader(_Base):
     def from_folder(
         cls, folder: str | Path | Sequence[str | Path], meta: ModelMetadata, size: int = 256, **kw
     ) -> "CalibrationReader":
-        """Images found under ``folder`` (or a list of paths), ``size`` of them spread over the set."""
+        """Images found under ``folder`` (or a list of paths), ``size`` readable ones spread over the set
+        (an unreadable one is replaced by another, so a few bad files do not shrink the calibration set)."""
         paths = list(folder) if isinstance(folder, (list, tuple)) else discover_images(Path(folder))
         if not paths:
             raise ValueError(f"{folder}: no images for INT8 calibration")
-        return cls(select_calibration_images(paths, size), meta, **kw)
+        return cls(calibration_order(paths, size), meta, limit=size, **kw)
 
     @property
     def num_images(self) -> int:
