@@ -185,6 +185,15 @@ def test_coco_splits_parse_to_the_same_samples(yolo: Path):
     assert len(gt["annotations"]) == len(ref.val_coco["annotations"]) + 1
 
 
+def test_summary_counts_what_training_sees(yolo: Path):
+    spec = load_dataset(_yaml(yolo, "train: images/train\nval: images/val\nunlabeled: raw\nnames: [cat, dog, fox]\n"))
+    lines = spec.summary()
+    assert "3 classes; train 3 images (3 boxes, 1 background), val 2 images (2 boxes), unlabeled 2 images" in lines[0]
+    assert lines[1] == "train boxes per class: cat 1, dog 2, fox 0"
+    assert lines[2].startswith("warning: no training box for 1 class(es): fox")
+    assert spec.summary(max_classes=1)[1] == "train boxes per class: cat 1, ... 2 more"
+
+
 def test_coco_categories_map_to_yaml_names_by_name(yolo: Path, caplog):
     """data.yaml names in another order than the JSON's categories: by name, not id order (a silent swap);
     other names: id order, with a warning naming the file and the pairing."""

@@ -97,6 +97,27 @@ class DatasetSpec:
     def nc(self) -> int:
         return len(self.names)
 
+    def summary(self, max_classes: int = 10) -> list[str]:
+        """What training will see, in a few lines (ultralytics' dataset scan, for labeled and unlabeled
+        splits); a class without a training box is called out: nothing can teach it."""
+        counts = np.bincount(np.concatenate([s.cls for s in self.train] or [np.zeros(0, np.int64)]).astype(np.int64),
+                             minlength=self.nc)
+        background = sum(len(s.cls) == 0 for s in self.train)
+        val_boxes = sum(len(s.cls) for s in self.val)
+        per_class = ", ".join(f"{n} {c}" for n, c in zip(self.names[:max_classes], counts[:max_classes]))
+        more = f", ... {self.nc - max_classes} more" if self.nc > max_classes else ""
+        lines = [
+            f"data {self.source or self.root}: {self.nc} classes; train {len(self.train)} images "
+            f"({int(counts.sum())} boxes, {background} background), val {len(self.val)} images ({val_boxes} boxes), "
+            f"unlabeled {len(self.unlabeled)} images",
+            f"train boxes per class: {per_class}{more}",
+        ]
+        missing = [n for n, c in zip(self.names, counts) if c == 0]
+        if missing:
+            lines.append(f"warning: no training box for {len(missing)} class(es): {', '.join(missing[:max_classes])}"
+                         f"{', ...' if len(missing) > max_classes else ''} (the model cannot learn them)")
+        return lines
+
 
 # ----------------------------------------------------------------------------- issues
 class _Issues:

@@ -115,6 +115,8 @@ class Trainer:
             cfg["data"] = str(ensure_demo_dataset())
         self.spec = load_dataset(cfg["data"])
         self.names = list(self.spec.names)
+        for line in self.spec.summary():
+            (LOG.warning if line.startswith("warning") else LOG.info)(line)
 
         model_spec = {"model": cfg["model"], "names": self.names, "width": cfg.get("width"), "depth": cfg.get("depth"),
                       "imgsz": int(cfg["imgsz"])}
