@@ -220,21 +220,28 @@ def test_dense_teacher_detections_match_predict(student):
     assert dets["loc_quality"].shape == dets["scores"].shape
 
 
-def test_multiscale_teacher_keeps_each_scale_in_its_size_range(student):
-    """[1.0] is the plain pass; [1.0, 1.5] keeps 1x boxes >= 2 finest-stride cells and the enlarged
-    pass's boxes (mapped back) < 4 cells, merged by one class-aware NMS with max_det per image."""
-    from torchvision.ops import box_iou
-
+def _level_class_teacher(student, edge_cells: list[int]):
+    """A teacher whose level i scores class i at 0.88 everywhere (input ignored), every box edge
+    ``edge_cells[i]`` cells of that level from the position."""
     teacher = copy.deepcopy(student).eval()
-    with torch.no_grad():  # level i: class i at 0.88, every edge one cell away -> boxes 2 cells wide
-        for i in range(3):
+    with torch.no_grad():
+        for i, cells in enumerate(edge_cells):
             cls, box = teacher.head.cv3[i][-1], teacher.head.cv2[i][-1]
             cls.weight.zero_()
             cls.bias.fill_(-10.0)
             cls.bias[i] = 2.0
             box.weight.zero_()
             box.bias.fill_(-10.0)
-            box.bias.view(4, -1)[:, 1] = 10.0
+            box.bias.view(4, -1)[:, cells] = 10.0
+    return teacher
+
+
+def test_multiscale_teacher_keeps_each_scale_in_its_size_range(student):
+    """[1.0] is the plain pass; [1.0, 1.5] keeps 1x boxes >= 2 finest-stride cells and the enlarged
+    pass's boxes (mapped back) < 4 cells, merged by one class-aware NMS with max_det per image."""
+    from torchvision.ops import box_iou
+
+    teacher = _level_class_teacher(student, [1, 1, 1])  # boxes 2 cells wide
     torch.manual_seed(1)
     img = torch.rand(2, 3, S, S)
     one = dense_teacher_detections(teacher, img, conf=0.0, iou=0.65, max_det=300)
@@ -275,16 +282,8 @@ def test_agnostic_teacher_nms_leaves_no_overlap_between_classes(student, scales)
     class-aware default keeps such pairs (the runner-up class of a neighbouring position)."""
     from torchvision.ops import box_iou
 
-    teacher = copy.deepcopy(student).eval()
-    with torch.no_grad():  # level i: class i, every box 64 px wide -> the levels' boxes overlap across classes
-        for i, stride in enumerate(teacher.stride.tolist()):
-            cls, box = teacher.head.cv3[i][-1], teacher.head.cv2[i][-1]
-            cls.weight.zero_()
-            cls.bias.fill_(-10.0)
-            cls.bias[i] = 2.0
-            box.weight.zero_()
-            box.bias.fill_(-10.0)
-            box.bias.view(4, -1)[:, int(32 // stride)] = 10.0
+    # every box 64 px wide on every level -> the levels' boxes overlap across classes
+    teacher = _level_class_teacher(student, [int(32 // st) for st in student.stride.tolist()])
     torch.manual_seed(2)
     img = torch.rand(2, 3, S, S)
 
