@@ -286,9 +286,10 @@ def test_efficient_teacher_two_stage_ramp_and_scales(models, monkeypatch):
     ramp = math.exp(-5 * 0.75**2)
     for k in ("unsup_cls", "unsup_box"):
         assert out[0.0][k] > 0 and out[2.0][k] == pytest.approx(out[0.0][k] * ramp, rel=1e-4)
-    m = _method("efficient_teacher", {**MANY["efficient_teacher"], "teacher_scales": [1.0, 1.6]}, student)
-    with pytest.raises(ValueError, match="teacher_scales"):
-        m.losses(labeled, unlabeled, student, teacher)
+    for key, value in (("teacher_scales", [1.0, 1.6]), ("nms_agnostic", True)):  # dense-YOLO-only options
+        m = _method("efficient_teacher", {**MANY["efficient_teacher"], key: value}, student)
+        with pytest.raises(ValueError, match=key):
+            m.losses(labeled, unlabeled, student, teacher)
     # one scale: the teacher sees the weak view enlarged (to a multiple of 32), its boxes come back in 1x pixels
     seen, kept = [], []
     predict = teacher.predict

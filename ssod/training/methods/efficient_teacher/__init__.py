@@ -329,6 +329,9 @@ class EfficientTeacher(Method):
             if c["strong_mix"] != "none":
                 raise ValueError("efficient_teacher: strong_mix (mosaic/mixup of pseudo-labeled images) is for dense "
                                  "YOLO students; this student is two-stage: set strong_mix: none")
+            if c["nms_agnostic"]:
+                raise ValueError("efficient_teacher: nms_agnostic (class-agnostic teacher NMS) is for dense YOLO "
+                                 "students; this student is two-stage (its detector's own NMS): set nms_agnostic: false")
             if len(set(c["teacher_scales"])) > 1:
                 raise ValueError(
                     "efficient_teacher: several teacher_scales (the fused multi-scale teacher) are for dense YOLO "

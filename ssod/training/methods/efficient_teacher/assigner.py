@@ -168,8 +168,8 @@ def scaled_teacher_detections(
     boxes mapped back into ``img`` pixels. ``scale`` 1 is the plain pass (and may reuse ``raw``)."""
     if scale == 1.0:
         return dense_teacher_detections(teacher, img, conf, iou, max_det, raw=raw, agnostic=agnostic)
-    return on_enlarged(lambda x: dense_teacher_detections(teacher, x, conf, iou, max_det, agnostic=agnostic), img, scale,
-                       max_stride(teacher))
+    return on_enlarged(lambda x: dense_teacher_detections(teacher, x, conf, iou, max_det, agnostic=agnostic),
+                       img, scale, max_stride(teacher))
 
 
 @torch.no_grad()
