@@ -235,19 +235,35 @@ def _one_label(yolo: Path, text: str) -> Path:
         ("5 0.5 0.5 0.2 0.2", "class id 5 out of range"),
         ("-1 0.5 0.5 0.2 0.2", "class id -1 out of range"),
         ("0.5 0.5 0.5 0.2 0.2", "not an integer"),
-        ("0 0.5 0.5 0.2", "expected 5 columns"),
-        ("0 0.5 0.5 0.2 0.2 0.9", "got 6"),
-        ("0 0.5 abc 0.2 0.2", "not a number: 'abc'"),
-        ("0 0.5 nan 0.2 0.2", "not a finite number"),
     ],
 )
-def test_malformed_line_is_a_label_error_naming_file_and_line(yolo: Path, line: str, problem: str):
+def test_class_id_that_does_not_fit_names_is_a_label_error_naming_file_and_line(yolo: Path, line: str, problem: str):
     y = _one_label(yolo, f"0 0.5 0.5 0.2 0.2\n\n{line}\n")
     with pytest.raises(LabelError) as e:
         load_dataset(y)
     msg = str(e.value)
     assert "\n" not in msg
     assert f"{os.sep}a.txt:3:" in msg and problem in msg
+
+
+@pytest.mark.parametrize(
+    "line, problem",
+    [
+        ("0 0.5 0.5 0.2", "expected 5 columns"),
+        ("0 0.5 0.5 0.2 0.2 0.9", "got 6"),
+        ("0 0.5 abc 0.2 0.2", "not a number: 'abc'"),
+        ("0 0.5 nan 0.2 0.2", "not a finite number"),
+    ],
+)
+def test_damaged_label_file_skips_its_image_with_a_warning(yolo: Path, line: str, problem: str, caplog):
+    y = _one_label(yolo, f"0 0.5 0.5 0.2 0.2\n\n{line}\n")
+    spec = load_dataset(y)
+    assert sorted(_by_name(spec.train)) == ["b.png", "c.jpg"]  # a.jpg left out, the others kept
+    warning = next(r.getMessage() for r in caplog.records if "a.txt" in r.getMessage())
+    assert "\n" not in warning and f"{os.sep}a.txt:3:" in warning and problem in warning and "image skipped" in warning
+    assert "1 images skipped for damaged label files" in caplog.text
+    with pytest.raises(LabelError, match=rf"a\.txt:3: .*{problem[:8]}.*strict"):
+        load_dataset(y, check="strict")
 
 
 def test_polygon_line_becomes_its_box(yolo: Path):

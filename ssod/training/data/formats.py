@@ -25,9 +25,12 @@ lines of an odd number >= 7 of columns are polygons (``class x1 y1 x2 y2 ...``) 
 their bounding box, as ultralytics does for segment labels.
 
 Label validation — what is an error and what is repaired, and why:
-    * ``LabelError`` (always): wrong column count, non-numbers or NaN/inf, class id that is not
-      an integer, negative or >= len(names); unknown image/category ids in COCO JSON. These
-      mean the labels and ``names`` disagree; guessing would train on wrong classes.
+    * ``LabelError`` (always): class id that is not an integer, negative or >= len(names);
+      unknown image/category ids in COCO JSON. These mean the labels and ``names`` disagree;
+      guessing would train on wrong classes.
+    * image skipped with a warning: a YOLO label file that is damaged (a line of the wrong column
+      count, non-numbers or NaN/inf, unreadable bytes), as ultralytics skips a corrupt label: one
+      bad file among thousands must not stop the run. ``check="strict"`` makes it an error.
     * clipped with a warning: a box partly outside the image (more than ``EDGE_TOL``, which
       silently absorbs rounding in exported labels).
     * dropped with a warning: boxes entirely outside the image, with zero or negative width or
@@ -66,6 +69,11 @@ CHECK_MODES = ("clip", "strict")
 
 class DatasetError(ValueError):
     """A dataset that cannot be loaded; the message is one line naming the file and problem."""
+
+
+class LabelFileCorrupt(Exception):
+    """A YOLO label file that cannot be parsed (a line of the wrong shape, not numbers, unreadable):
+    the file is damaged, so its image is skipped with a warning (``LabelError`` under strict checks)."""
 
 
 class LabelError(DatasetError):
@@ -128,6 +136,7 @@ class _Issues:
         self.lines: list[str] = []
         self.clipped = 0
         self.dropped = 0
+        self.skipped = 0
 
     def add(self, where: str, problem: str, kind: str, strict_applies: bool = True) -> None:
         if self.strict and strict_applies:
@@ -136,6 +145,8 @@ class _Issues:
             self.clipped += 1
         elif kind == "dropped":
             self.dropped += 1
+        elif kind == "skipped":
+            self.skipped += 1
         self.lines.append(f"{where}: {problem}")
 
     def flush(self, source: str) -> None:
@@ -145,8 +156,8 @@ class _Issues:
             LOGGER.warning("... and %d more warnings", len(self.lines) - MAX_WARNINGS)
         if self.lines:
             LOGGER.warning(
-                "%s: %d label warnings (%d boxes clipped, %d boxes dropped); check='strict' makes them errors",
-                source, len(self.lines), self.clipped, self.dropped,
+                "%s: %d label warnings (%d boxes clipped, %d boxes dropped, %d images skipped for damaged label "
+                "files); check='strict' makes them errors", source, len(self.lines), self.clipped, self.dropped, self.skipped,
             )
 
 
@@ -188,7 +199,7 @@ def _parse_yolo_rows(path: str, lines: list[tuple[int, list[str]]]) -> np.ndarra
     for k, (lineno, parts) in enumerate(lines):
         n = len(parts)
         if n != 5 and not (n >= 7 and n % 2 == 1):
-            raise LabelError(
+            raise LabelFileCorrupt(
                 f"{path}:{lineno}: expected 5 columns 'class x_center y_center width height' "
                 f"(or a polygon 'class x1 y1 x2 y2 x3 y3 ...'), got {n}"
             )
@@ -196,9 +207,9 @@ def _parse_yolo_rows(path: str, lines: list[tuple[int, list[str]]]) -> np.ndarra
             vals = np.array([float(p) for p in parts], dtype=np.float64)
         except ValueError:
             bad = next(p for p in parts if not _is_float(p))
-            raise LabelError(f"{path}:{lineno}: not a number: {bad!r}") from None
+            raise LabelFileCorrupt(f"{path}:{lineno}: not a number: {bad!r}") from None
         if not np.isfinite(vals).all():
-            raise LabelError(f"{path}:{lineno}: not a finite number: {' '.join(parts)!r}")
+            raise LabelFileCorrupt(f"{path}:{lineno}: not a finite number: {' '.join(parts)!r}")
         if n == 5:
             xc, yc, w, h = vals[1:]
             out[k] = (vals[0], xc - w / 2, yc - h / 2, xc + w / 2, yc + h / 2)
@@ -231,7 +242,8 @@ def _check_classes(cls: np.ndarray, nc: int, where: Callable[[int], str]) -> np.
 def read_yolo_labels(path: str, nc: int, issues: _Issues) -> tuple[np.ndarray, np.ndarray]:
     """One YOLO label file -> (boxes (n,4) float32 normalised xyxy, cls (n,) int64).
 
-    A missing file means no objects. Raises ``LabelError`` on malformed lines.
+    A missing file means no objects. Raises ``LabelFileCorrupt`` on malformed lines and ``LabelError``
+    on class ids that do not fit ``nc``.
     """
     try:
         with open(path, encoding="utf-8-sig") as f:
@@ -239,7 +251,7 @@ def read_yolo_labels(path: str, nc: int, issues: _Issues) -> tuple[np.ndarray, n
     except FileNotFoundError:
         return np.zeros((0, 4), np.float32), np.zeros(0, np.int64)
     except (OSError, UnicodeDecodeError) as e:
-        raise LabelError(f"{path}: cannot read label file ({e})") from None
+        raise LabelFileCorrupt(f"{path}: cannot read label file ({e})") from None
     lines = [(i, ln.split()) for i, ln in enumerate(text.splitlines(), 1)]
     lines = [(i, p) for i, p in lines if p]
     if not lines:
@@ -485,11 +497,20 @@ def _images_with_rel(ctx: _Ctx, key: str, value: Any, labeled: bool = True) -> t
     return paths, rels, label_paths
 
 
-def _yolo_samples(ctx: _Ctx, paths: list[str], nc: int, label_paths: list[str] | None = None) -> list[Sample]:
+def _yolo_samples(ctx: _Ctx, paths: list[str], nc: int, label_paths: list[str] | None = None,
+                  skip_corrupt: bool = True) -> list[Sample]:
+    """Samples of ``paths`` with their YOLO labels; an image whose label file is damaged is left out with a
+    warning (``skip_corrupt``; else ``LabelError``: lists that must stay aligned with ``paths``)."""
     label_paths = label_paths or [img2label_path(p) for p in paths]
     out = []
     for p, lp in zip(paths, label_paths):
-        boxes, cls = read_yolo_labels(lp, nc, ctx.issues)
+        try:
+            boxes, cls = read_yolo_labels(lp, nc, ctx.issues)
+        except LabelFileCorrupt as e:  # one damaged file in thousands must not stop the run (strict: it does)
+            if not skip_corrupt:
+                raise LabelError(str(e)) from None
+            ctx.issues.add(str(e), "image skipped", "skipped")
+            continue
         out.append(Sample(p, boxes, cls, None))
     return out
 
@@ -594,7 +615,7 @@ def load_dataset(yaml_path: str | os.PathLike, check: str = "clip") -> DatasetSp
             lps = [str((hdir / r).with_suffix(".txt")) for r in rels]
             if not any(os.path.exists(p) for p in lps):
                 LOGGER.warning("%s: 'hidden_labels' %s has no label file for any unlabeled image", yaml_path, hdir)
-            hidden = _yolo_samples(ctx, unlabeled, nc, lps)
+            hidden = _yolo_samples(ctx, unlabeled, nc, lps, skip_corrupt=False)  # aligned with `unlabeled`
     elif data.get("hidden_labels") not in (None, ""):
         raise ctx.err("hidden_labels", "given without 'unlabeled'")
 
