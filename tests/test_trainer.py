@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,10 +26,7 @@ class _StopAfterEpoch(Hook):
 
 def test_train_writes_run_folder(tiny_cfg):
     result = Trainer(tiny_cfg(plots=True)).train()
-    run = result["run_dir"]
-    from pathlib import Path
-
-    run = Path(run)
+    run = Path(result["run_dir"])
     for f in ("weights/last.pt", "weights/best.pt", "results.csv", "results.png", "config.yaml"):
         assert (run / f).exists(), f
     rows = list(csv.DictReader(open(run / "results.csv")))
@@ -107,3 +105,12 @@ def test_burn_in_from_refuses_a_different_run(tiny_cfg):
     # the strong view shapes unlabeled images only, which a supervised burn-in never draws
     fork = Trainer(tiny_cfg(method="mean_teacher", aug={"strong_blur_p": 0.0}, burn_in_from=epoch1, **kw))
     assert fork.start_epoch == 1
+
+
+def test_val_split_without_boxes_warns_and_best_follows_the_last_epoch(tiny_cfg, tiny_demo, tmp_path, caplog):
+    """mAP is nan without val boxes; the run says so up front and best.pt still exists to export."""
+    y = tmp_path / "noboxes.yaml"
+    y.write_text(f"path: {tiny_demo.parent}\ntrain: images/train\nval: images/unlabeled\nnames: {list(range(10))}\n")
+    result = Trainer(tiny_cfg(data=str(y), epochs=1)).train()
+    assert "val split has no boxes" in caplog.text
+    assert (Path(result["run_dir"]) / "weights" / "best.pt").exists()

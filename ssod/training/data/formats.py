@@ -120,6 +120,8 @@ class DatasetSpec:
             f"unlabeled {len(self.unlabeled)} images",
             f"train boxes per class: {per_class}{more}",
         ]
+        if val_boxes == 0:
+            lines.append("warning: the val split has no boxes: mAP is undefined (nan) and best.pt follows the last epoch")
         missing = [n for n, c in zip(self.names, counts) if c == 0]
         if missing:
             lines.append(f"warning: no training box for {len(missing)} class(es): {', '.join(missing[:max_classes])}"

@@ -57,8 +57,9 @@ class EvalHook(Hook):
         trainer.epoch_metrics.update({f"val/{k}": v for k, v in result["metrics"].items()})
         trainer.last_eval = result
         fitness = 0.9 * result["metrics"]["mAP50-95"] + 0.1 * result["metrics"]["mAP50"]
-        trainer.is_best = fitness > trainer.best_fitness
-        if trainer.is_best:
+        # a val split without boxes scores nan: best.pt then follows the latest evaluation
+        trainer.is_best = math.isnan(fitness) or fitness > trainer.best_fitness
+        if trainer.is_best and not math.isnan(fitness):
             trainer.best_fitness = fitness
 
 
