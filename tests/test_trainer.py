@@ -114,3 +114,10 @@ def test_val_split_without_boxes_warns_and_best_follows_the_last_epoch(tiny_cfg,
     result = Trainer(tiny_cfg(data=str(y), epochs=1)).train()
     assert "val split has no boxes" in caplog.text
     assert (Path(result["run_dir"]) / "weights" / "best.pt").exists()
+
+
+def test_imgsz_off_the_stride_is_rounded_up_with_a_warning(tiny_cfg, caplog):
+    trainer = Trainer(tiny_cfg(imgsz=70, epochs=1))
+    assert trainer.cfg["imgsz"] == 96 and trainer.student.spec["imgsz"] == 96
+    assert "imgsz 70 is not a multiple of the model's largest stride 32: training at 96" in caplog.text
+    assert trainer.train()["metrics"]["mAP50-95"] >= 0.0

@@ -124,6 +124,12 @@ class Trainer:
             model_spec = ckpt["model_spec"]
         torch.manual_seed(cfg["seed"])
         self.student = build_model(model_spec).to(self.device)
+        stride = int(torch.as_tensor(getattr(self.student, "stride", 1)).max())
+        if int(cfg["imgsz"]) % stride:  # a dense model's levels only line up at multiples of its largest stride
+            fixed = -(-int(cfg["imgsz"]) // stride) * stride
+            LOG.warning("imgsz %s is not a multiple of the model's largest stride %d: training at %d",
+                        cfg["imgsz"], stride, fixed)
+            cfg["imgsz"] = self.student.spec["imgsz"] = fixed
         if cfg.get("weights") and ckpt is None:
             self.student.load_weights(cfg["weights"])
 
