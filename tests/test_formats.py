@@ -185,6 +185,22 @@ def test_coco_splits_parse_to_the_same_samples(yolo: Path):
     assert len(gt["annotations"]) == len(ref.val_coco["annotations"]) + 1
 
 
+def test_roboflow_export_layout_loads(tmp_path: Path):
+    """Roboflow writes `train: ../train/images` in a data.yaml that sits next to train/: ultralytics reads
+    it (a '../' path that does not exist is tried without it), so ssod does too."""
+    root = tmp_path / "rf"
+    for split in ("train", "valid"):
+        _img(root / split / "images" / "a.jpg")
+        _txt(root / split / "labels" / "a.txt", "1 0.5 0.5 0.25 0.25\n")
+    y = _yaml(root, "train: ../train/images\nval: ../valid/images\ntest: ../test/images\nnc: 2\n"
+                    "names: ['x', 'y']\nroboflow:\n  workspace: w\n  version: 1\n")
+    spec = load_dataset(y)
+    assert [s.cls.tolist() for s in spec.train] == [[1]] and len(spec.val) == 1
+    assert spec.train[0].path == str(root / "train" / "images" / "a.jpg")
+    with pytest.raises(DatasetError, match="path not found"):  # no such folder either way: still an error
+        load_dataset(_yaml(root, "train: ../nowhere/images\nval: ../valid/images\nnames: [x, y]\n", "bad.yaml"))
+
+
 def test_summary_counts_what_training_sees(yolo: Path):
     spec = load_dataset(_yaml(yolo, "train: images/train\nval: images/val\nunlabeled: raw\nnames: [cat, dog, fox]\n"))
     lines = spec.summary()

@@ -441,6 +441,8 @@ class _Ctx:
             raise self.err(key, f"expected a path, got {value!r}")
         p = Path(os.path.expanduser(str(value)))
         p = p if p.is_absolute() else self.root / p
+        if not p.exists() and str(value).startswith("../") and (self.root / str(value)[3:]).exists():
+            p = self.root / str(value)[3:]  # Roboflow's exports: '../train/images' next to the YAML (ultralytics' rule)
         if not p.exists():
             raise self.err(key, f"path not found: {p}")
         return Path(os.path.abspath(p))
