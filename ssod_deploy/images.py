@@ -46,7 +46,7 @@ import simplejpeg
 from PIL import Image, UnidentifiedImageError
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+    {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".mpo"}
 )
 DEFAULT_MAX_PIXELS = 178_956_970  # 2x Pillow's default warning limit
 PAD_GRAY = 114

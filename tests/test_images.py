@@ -411,6 +411,18 @@ def test_discover_sorted_case_insensitive_recursive(tmp_path: Path) -> None:
     assert {".jpg", ".png", ".webp", ".tiff"} <= IMAGE_EXTENSIONS
 
 
+def test_mpo_camera_pictures_are_found_and_read_as_their_first_frame(tmp_path: Path) -> None:
+    """Multi-picture JPEGs (.mpo, stereo and some phone cameras; ultralytics lists them) are images."""
+    ramp = np.linspace(30, 220, 60, dtype=np.float32)  # smooth: JPEG keeps it within a few levels
+    first = np.broadcast_to(ramp[None, :, None], (40, 60, 3)).astype(np.uint8)
+    Image.fromarray(first).save(tmp_path / "cam.MPO", format="MPO", save_all=True,
+                                append_images=[Image.fromarray(255 - first)])
+    (found,) = discover_images(tmp_path)
+    img = read_image(found)
+    assert found.name == "cam.MPO" and img.shape == (40, 60, 3) and read_image_size(found) == (40, 60)
+    assert np.abs(img.astype(int) - first).mean() < 4  # the first frame, not the second (its negative)
+
+
 def test_discover_follows_symlinks_without_cycles(tmp_path: Path) -> None:
     root = tmp_path / "root"
     _touch_image(root / "real" / "a.jpg")
