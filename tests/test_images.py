@@ -411,6 +411,37 @@ def test_discover_sorted_case_insensitive_recursive(tmp_path: Path) -> None:
     assert {".jpg", ".png", ".webp", ".tiff"} <= IMAGE_EXTENSIONS
 
 
+def test_heic_photos_are_found_and_read_upright(tmp_path: Path) -> None:
+    """An iPhone-style HEIC with EXIF orientation 6: found, decoded upright once (libheif applies the
+    rotation and resets the tag), the header size agrees with the pixels."""
+    pillow_heif = pytest.importorskip("pillow_heif")
+    pillow_heif.register_heif_opener()  # to write the file; reading registers it by itself
+    a = np.zeros((48, 64, 3), np.uint8)
+    a[:10, :20] = 255  # a bright block in the stored top-left corner
+    im = Image.fromarray(a)
+    exif = im.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to view
+    im.save(tmp_path / "IMG_0001.HEIC", exif=exif.tobytes(), quality=95)
+    (found,) = discover_images(tmp_path)
+    img = read_image(found)
+    assert img.shape == (64, 48, 3) and read_image_size(found) == (64, 48)
+    bright = np.argwhere(img[..., 0] > 128)
+    assert bright.min(0).tolist()[1] >= 38 and bright.max(0).tolist()[0] <= 19  # now top-right, as a viewer shows
+
+
+def test_heic_without_pillow_heif_is_reported_not_silently_dropped(tmp_path: Path, monkeypatch, caplog) -> None:
+    import ssod_deploy.images as images
+
+    monkeypatch.setattr(images, "HEIF_READABLE", False)
+    monkeypatch.setattr(images, "IMAGE_EXTENSIONS", images.IMAGE_EXTENSIONS - images.HEIF_EXTENSIONS)
+    _touch_image(tmp_path / "a.jpg")
+    _touch_image(tmp_path / "sub" / "b.heic")
+    _touch_image(tmp_path / "sub" / "c.HEIF")
+    with caplog.at_level(logging.WARNING, logger="ssod"):
+        assert [p.name for p in images.discover_images(tmp_path)] == ["a.jpg"]
+    assert "2 HEIC/HEIF images left out" in caplog.text and "pillow-heif" in caplog.text
+
+
 def test_mpo_camera_pictures_are_found_and_read_as_their_first_frame(tmp_path: Path) -> None:
     """Multi-picture JPEGs (.mpo, stereo and some phone cameras; ultralytics lists them) are images."""
     ramp = np.linspace(30, 220, 60, dtype=np.float32)  # smooth: JPEG keeps it within a few levels
