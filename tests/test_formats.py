@@ -229,6 +229,31 @@ def test_coco_categories_map_to_yaml_names_by_name(yolo: Path, caplog):
     assert "val.json" in caplog.text and "3 'cat' -> 'kitten', 7 'dog' -> 'puppy'" in caplog.text
 
 
+def test_roboflow_coco_container_category_is_not_a_class(yolo: Path, caplog):
+    """Roboflow's COCO exports put the dataset's name at category 0 (the others' supercategory, no boxes)."""
+    caplog.set_level(logging.INFO, logger="ssod")
+    _coco_json(yolo / "ann" / "val.json", VAL)  # categories 3 'cat', 7 'dog'
+    js = json.loads((yolo / "ann" / "val.json").read_text())
+    for c in js["categories"]:
+        c["supercategory"] = "pets"
+    js["categories"].insert(0, {"id": 0, "name": "pets", "supercategory": "none"})
+    (yolo / "ann" / "val.json").write_text(json.dumps(js))
+    ref = load_dataset(_yaml(yolo, "train: images/train\nval: images/val\nnames: [cat, dog]\n", "ref.yaml"))
+    val = "val: {images: images/val, annotations: ann/val.json}\n"
+    for names in ("", "names: [cat, dog]\n"):  # from the JSON, or given
+        spec = load_dataset(_yaml(yolo, "train: images/train\n" + val + names if names else
+                                  "train: {images: images/val, annotations: ann/val.json}\n" + val))
+        assert spec.names == ["cat", "dog"]
+        a, b = _by_name(ref.val), _by_name(spec.val)
+        for k in a:
+            np.testing.assert_array_equal(b[k].cls, a[k].cls)
+    assert "category 0 'pets' holds the others" in caplog.text
+    js["annotations"][0]["category_id"] = 0  # boxes of its own: a real class, kept
+    (yolo / "ann" / "val.json").write_text(json.dumps(js))
+    spec = load_dataset(_yaml(yolo, "train: {images: images/val, annotations: ann/val.json}\n" + val, "kept.yaml"))
+    assert spec.names == ["pets", "cat", "dog"]
+
+
 def test_coco_unknown_category_is_an_error(yolo: Path):
     _coco_json(yolo / "ann" / "val.json", VAL)
     js = json.loads((yolo / "ann" / "val.json").read_text())

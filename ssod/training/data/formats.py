@@ -286,6 +286,19 @@ class _CocoSplit:
     areas: list[np.ndarray]  # per sample: COCO 'area' of each kept box (NaN if absent)
 
 
+def _container_category(cats: list[dict], anns: list) -> dict | None:
+    """The category that only groups the others (no annotation of its own, and its name is every other
+    category's ``supercategory``), as Roboflow writes the dataset's name at id 0; None when there is none."""
+    if len(cats) < 2:
+        return None
+    used = {a.get("category_id") for a in anns if isinstance(a, dict)}
+    for c in cats:
+        others = [o for o in cats if o is not c]
+        if c["id"] not in used and all(o.get("supercategory") == c.get("name") for o in others):
+            return c
+    return None
+
+
 def _load_coco_split(images_dir: Path, ann_file: Path, issues: _Issues, names: list[str] | None) -> _CocoSplit:
     """One COCO split. With ``names`` (data.yaml's) the categories map to them by name when the JSON has
     the same names in another order (id order would swap classes silently); with other names, by id
@@ -299,6 +312,11 @@ def _load_coco_split(images_dir: Path, ann_file: Path, issues: _Issues, names: l
     if not isinstance(js, dict) or not isinstance(js.get("images"), list) or not isinstance(js.get("categories"), list):
         raise DatasetError(f"{src}: not a COCO detection file (needs 'images' and 'categories' lists)")
     cats = sorted(js["categories"], key=lambda c: c["id"])
+    container = _container_category(cats, js.get("annotations") or [])
+    if container is not None:  # Roboflow's COCO exports: the dataset's name as a category of its own
+        cats = [c for c in cats if c is not container]
+        LOGGER.info("%s: category %s %r holds the others (their supercategory, no boxes of its own): not a class",
+                    src, container["id"], container.get("name"))
     cat_ids = [c["id"] for c in cats]
     cat_names = [str(c.get("name", c["id"])) for c in cats]
     if len(set(cat_ids)) != len(cat_ids):
