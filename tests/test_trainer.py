@@ -121,3 +121,7 @@ def test_imgsz_off_the_stride_is_rounded_up_with_a_warning(tiny_cfg, caplog):
     assert trainer.cfg["imgsz"] == 96 and trainer.student.spec["imgsz"] == 96
     assert "imgsz 70 is not a multiple of the model's largest stride 32: training at 96" in caplog.text
     assert trainer.train()["metrics"]["mAP50-95"] >= 0.0
+    from ssod.training.evaluate_cli import evaluate_checkpoint  # `ssod eval --imgsz` takes the same rule
+
+    result, _ = evaluate_checkpoint(str(trainer.run_dir / "weights" / "last.pt"), imgsz=70, workers=0)
+    assert result["metrics"]["mAP50-95"] >= 0.0 and "evaluating at 96" in caplog.text

@@ -17,6 +17,7 @@ def evaluate_checkpoint(
 ) -> tuple[dict[str, Any], Path]:
     from ssod.training.data.formats import load_dataset
     from ssod.training.data.loader import build_val_loader
+    from ssod.training.models.base import fit_imgsz
 
     dev = select_device(device)
     model, ckpt = load_detector(weights, which)
@@ -27,7 +28,7 @@ def evaluate_checkpoint(
         raise ValueError(f"{data or cfg['data']}: class names {spec.names} differ from the checkpoint's {ckpt['names']}")
     if not spec.val:
         raise ValueError(f"{data or cfg['data']}: no val split to evaluate on")
-    loader = build_val_loader(spec.val, imgsz or cfg["imgsz"], batch, workers)
+    loader = build_val_loader(spec.val, fit_imgsz(model, imgsz or cfg["imgsz"], "evaluating"), batch, workers)
     result = evaluate_detector(model, loader, spec, dev, conf=cfg["val_conf"], iou=cfg["val_iou"], max_det=cfg["max_det"])
     out_path = Path(out) if out else Path(weights).with_name(Path(weights).stem + f"_eval_{which}.json")
     tmp = out_path.with_suffix(".json.tmp")

@@ -326,7 +326,8 @@ def _load_coco_split(images_dir: Path, ann_file: Path, issues: _Issues, names: l
     cat_index = {cid: i for i, cid in enumerate(cat_ids)}
     if names is not None and cat_names != list(names):
         if sorted(cat_names) == sorted(names) and len(set(names)) == len(names):
-            cat_index = {cid: list(names).index(n) for cid, n in zip(cat_ids, cat_names)}
+            position = {n: i for i, n in enumerate(names)}
+            cat_index = {cid: position[n] for cid, n in zip(cat_ids, cat_names)}
         else:
             pairs = ", ".join(f"{cid} {n!r} -> {names[i]!r}" for i, (cid, n) in enumerate(zip(cat_ids, cat_names)))
             issues.add(src, f"category names differ from data.yaml names; mapped by id order: {pairs}", "names")

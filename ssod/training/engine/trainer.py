@@ -94,7 +94,7 @@ class Trainer:
     def __init__(self, cfg: dict[str, Any], run_dir: str | Path | None = None):
         from ssod.training.data.formats import load_dataset
         from ssod.training.methods.base import build_method
-        from ssod.training.models.base import build_model
+        from ssod.training.models.base import build_model, fit_imgsz
 
         self.cfg = cfg = dict(cfg)
         self.device = select_device(str(cfg["device"]))
@@ -124,12 +124,7 @@ class Trainer:
             model_spec = ckpt["model_spec"]
         torch.manual_seed(cfg["seed"])
         self.student = build_model(model_spec).to(self.device)
-        stride = int(torch.as_tensor(getattr(self.student, "stride", 1)).max())
-        if int(cfg["imgsz"]) % stride:  # a dense model's levels only line up at multiples of its largest stride
-            fixed = -(-int(cfg["imgsz"]) // stride) * stride
-            LOG.warning("imgsz %s is not a multiple of the model's largest stride %d: training at %d",
-                        cfg["imgsz"], stride, fixed)
-            cfg["imgsz"] = self.student.spec["imgsz"] = fixed
+        cfg["imgsz"] = self.student.spec["imgsz"] = fit_imgsz(self.student, cfg["imgsz"])
         if cfg.get("weights") and ckpt is None:
             self.student.load_weights(cfg["weights"])
 

@@ -8,6 +8,7 @@ never adds an ``if "yolo" in name`` branch elsewhere.
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from typing import Any, Callable
 
@@ -17,6 +18,18 @@ from torch import nn
 from ssod.training.data.batch import Batch
 
 Detections = dict[str, torch.Tensor]  # boxes (K,4) xyxy input pixels, scores (K,), labels (K,)
+LOG = logging.getLogger("ssod")
+
+
+def fit_imgsz(model: nn.Module, imgsz: int, doing: str = "training") -> int:
+    """``imgsz`` rounded up to a multiple of the model's largest stride (a dense model's levels only
+    line up there; ultralytics rounds the same way), with a warning when it moves."""
+    stride = int(torch.as_tensor(getattr(model, "stride", 1)).max())
+    if int(imgsz) % stride == 0:
+        return int(imgsz)
+    fixed = -(-int(imgsz) // stride) * stride
+    LOG.warning("imgsz %s is not a multiple of the model's largest stride %d: %s at %d", imgsz, stride, doing, fixed)
+    return fixed
 
 
 class Detector(nn.Module, ABC):
