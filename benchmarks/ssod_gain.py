@@ -163,12 +163,23 @@ EXTRA_ROWS = {
     "et_cls_only": ("efficient_teacher", 0.1, {"unsup_box_weight": 0.0, "unsup_dfl_weight": 0.0}),
     # the first per-class thresholds after 256 unlabeled images instead of a whole epoch (Run 6: no gain)
     "et_first_update_early": ("efficient_teacher", 0.1, {"first_update_images": 256}),
+    # Unbiased Teacher's strong labeled views: half the labeled images also get the strong photometric chain
+    # after the switch; sup_strong_labeled is its control (supervised, the same labeled views, forked likewise)
+    "et_strong_labeled": ("efficient_teacher", 0.1, {}, {"aug": {"strong_labeled_p": 0.5}}),
+    "sup_strong_labeled": ("supervised", 0.1, {}, {"aug": {"strong_labeled_p": 0.5}, "fork_burn_in": True}),
     # diagnostic upper bound: the hidden labels as perfect pseudo labels through the same loss path
     "et_hidden_labels": ("efficient_teacher", 0.1, {"pseudo_source": "hidden_labels"}),
     "et_hidden_labels_lambda1": ("efficient_teacher", 0.1, {"pseudo_source": "hidden_labels", "lambda_u": 1.0}),
     # diagnostic: the teacher's pseudo labels without its false positives (its misses kept)
     "et_teacher_true_lambda1": ("efficient_teacher", 0.1, {"pseudo_source": "teacher_true", "lambda_u": 1.0}),
 }
+
+
+def forks(entry: tuple) -> bool:
+    """Whether a row starts from the supervised row's burn-in checkpoint: every SSOD row, and
+    supervised rows marked ``fork_burn_in`` (controls that change only what follows the switch)."""
+    method, _, _, *trainer_kw = entry
+    return method != "supervised" or bool(trainer_kw and trainer_kw[0].get("fork_burn_in"))
 
 
 def config(args, data: Path, method: str, method_cfg: dict, name: str, **kw) -> dict:
@@ -249,7 +260,7 @@ def run_parallel(ap: argparse.ArgumentParser, args, pending: list[str], table: d
     (out / "logs").mkdir(parents=True, exist_ok=True)
     threads = os.environ.get("SSOD_THREADS") or str(max(1, (os.cpu_count() or 1) // args.jobs))
     env = {**os.environ, "SSOD_THREADS": threads}
-    needs_ckpt = {r for r in pending if table[r][0] != "supervised" and args.burn_in > 0}
+    needs_ckpt = {r for r in pending if forks(table[r]) and args.burn_in > 0}
     sup_dir = next_run_dir(out, "supervised") if "supervised" in pending else None
     ckpt = args.burn_in_from
     if needs_ckpt and ckpt is None:
@@ -402,8 +413,8 @@ def main(rows: dict = ROWS, cost_methods: tuple[str, ...] = ("efficient_teacher"
         results, pending = _read_results(results_path), []
     for row in pending:
         method, ratio, mcfg, *trainer_kw = table[row]
-        kw = dict(trainer_kw[0]) if trainer_kw else {}
-        if method != "supervised" and args.burn_in > 0:
+        kw = {k: v for k, v in (trainer_kw[0] if trainer_kw else {}).items() if k != "fork_burn_in"}
+        if forks(table[row]) and args.burn_in > 0:
             kw["burn_in_from"] = args.burn_in_from or _supervised_burn_in(args, results_path, results, row)
         t0 = time.perf_counter()
         res = Trainer(config(args, data[ratio], method, mcfg, row, **kw), run_dir=args.run_dir).train()

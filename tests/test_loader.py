@@ -269,3 +269,24 @@ def test_workers_give_the_same_batches(data):
     a2, b2 = _flat(_paired(data, workers=0, steps=3).epoch(2)), _flat(loader.epoch(2))
     assert all(torch.equal(x, y) for x, y in zip(a2, b2))
     assert not all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a2, a))
+
+
+def test_strong_labeled_views_start_at_their_epoch_and_keep_the_boxes(data):
+    """``aug.strong_labeled_p``: before ``strong_from_epoch`` the labeled views are those of a run
+    without the option (a forked burn-in stays valid); after it the pixels change, the boxes not."""
+    from ssod.training.data.views import labeled_strong
+
+    geo = dict(flip_p=0.5, scale=(0.5, 1.5), translate=0.1, degrees=0.0, shear=0.0)
+    plain = LabeledDataset(data["labeled"], S, LabeledAug(**geo), train=True, seed=3)
+    strong = LabeledDataset(data["labeled"], S, LabeledAug(
+        **geo, strong=labeled_strong({}, geo), strong_p=1.0, strong_from_epoch=2), train=True, seed=3)
+    assert labeled_strong({}, geo).cutouts == ()
+    changed = 0
+    for i in (0, 1, 4, 5):
+        for epoch in (0, 1):
+            a, b = plain[(epoch, i)], strong[(epoch, i)]
+            assert torch.equal(a["img"], b["img"]) and torch.equal(a["boxes"], b["boxes"])
+        a, b = plain[(2, i)], strong[(2, i)]
+        assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["cls"], b["cls"])
+        changed += not torch.equal(a["img"], b["img"])
+    assert changed >= 3

@@ -37,6 +37,7 @@ from ssod.training.data.views import (
     random_affine_matrix,
     shrink,
     source_matrix,
+    strong_photometric,
     warp,
 )
 from ssod_deploy.images import ImageReadError, read_image_with_size
@@ -170,6 +171,8 @@ class LabeledDataset(_ImageSource, Dataset):
                 view2, boxes2, cls2, _ = self._affine(j, img2, hw2, rng)
                 view, boxes, cls = mixup(view, boxes, cls, view2, boxes2, cls2, rng, aug.mixup_alpha)
             view = augment_hsv(view, aug.hsv_h, aug.hsv_s, aug.hsv_v, rng)
+            if aug.strong is not None and epoch >= aug.strong_from_epoch and rng.random() < aug.strong_p:
+                view = strong_photometric(view, aug.strong, rng)
         return _labeled_item(view, boxes, cls, M, hw, self.paths[i], skipped)
 
     def _affine(self, i, img, hw, rng):

@@ -15,7 +15,7 @@ comes from the ``np.random.Generator`` passed in, so a view is a pure function o
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
@@ -116,6 +116,19 @@ def strong_aug(aug: dict, geo: dict) -> StrongAug:
 STRONG_GEOMETRIES = ("independent", "weak")
 
 
+def labeled_strong(aug: dict, geo: dict) -> StrongAug:
+    """The strong chain labeled images get (``aug.strong_labeled_p``): the unlabeled strong view's
+    colour jitter, grayscale and blur, without its cutouts.
+
+    Why: Unbiased Teacher trains its supervised loss on strong labeled views as well, and Soft
+    Teacher's labeled pipeline carries its colour transforms, so the student's two streams meet
+    the same photometric distribution (what Efficient Teacher's domain discriminator aligns in
+    feature space). Cutouts are left out (Soft Teacher's choice): on labeled images they would hide
+    ground-truth boxes that then need dropping, and the labels are the scarce part.
+    """
+    return replace(strong_aug({**aug, "strong_cutout": False}, geo), geometry_from_weak=False)
+
+
 def _strong_geometry(aug: dict) -> str:
     mode = aug.get("strong_geometry", "independent")
     if mode not in STRONG_GEOMETRIES:
@@ -137,6 +150,11 @@ class LabeledAug(GeometryAug):
     mosaic_p: float = 0.0
     mixup_p: float = 0.0
     mixup_alpha: float = 32.0
+    # the student's strong photometric chain on labeled images too, with probability strong_p from
+    # epoch strong_from_epoch on (the end of burn-in: a forked run's burn-in stays the one it forked)
+    strong: StrongAug | None = None
+    strong_p: float = 0.0
+    strong_from_epoch: int = 0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -177,7 +177,7 @@ class Trainer:
     # ----------------------------------------------------------------------------- building
     def _build_data(self) -> None:
         from ssod.training.data.loader import LabeledDataset, PairedLoader, UnlabeledDataset, build_val_loader
-        from ssod.training.data.views import LabeledAug, WeakAug, strong_aug
+        from ssod.training.data.views import LabeledAug, WeakAug, labeled_strong, strong_aug
 
         cfg, aug = self.cfg, self.cfg["aug"]
         if not self.spec.train:
@@ -187,7 +187,9 @@ class Trainer:
         labeled = LabeledDataset(
             self.spec.train, cfg["imgsz"],
             LabeledAug(**geo, hsv_h=aug["hsv_h"], hsv_s=aug["hsv_s"], hsv_v=aug["hsv_v"],
-                       mosaic_p=aug["mosaic_p"], mixup_p=aug["mixup_p"]),
+                       mosaic_p=aug["mosaic_p"], mixup_p=aug["mixup_p"],
+                       strong=labeled_strong(aug, geo) if aug.get("strong_labeled_p") else None,
+                       strong_p=float(aug.get("strong_labeled_p") or 0.0), strong_from_epoch=self.burn_in_epochs),
             train=True, seed=cfg["seed"],
         )
         unlabeled = None
