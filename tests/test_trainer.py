@@ -125,3 +125,20 @@ def test_imgsz_off_the_stride_is_rounded_up_with_a_warning(tiny_cfg, caplog):
 
     result, _ = evaluate_checkpoint(str(trainer.run_dir / "weights" / "last.pt"), imgsz=70, workers=0)
     assert result["metrics"]["mAP50-95"] >= 0.0 and "evaluating at 96" in caplog.text
+
+
+def test_schedule_summary_counts_passes_and_flags_a_burn_in_that_repeats_the_labeled_set():
+    from ssod.training.engine.trainer import schedule_summary
+
+    # the product's case: 300 labeled, 50,000 unlabeled, batch 8 + 8: an epoch is 6,250 steps
+    lines = schedule_summary(30, 6250, 8, 8, 300, 50000, 10)
+    assert lines[0] == ("schedule: 30 epochs x 6250 steps of 8 labeled + 8 unlabeled images; an epoch walks "
+                        "the 50000 unlabeled images 1x and the 300 labeled 167x")
+    assert lines[1] == "burn-in: 10 epochs = 62500 supervised-only steps (1667 passes over the labeled images)"
+    assert lines[2].startswith("warning: the burn-in walks the labeled images 1667 times")
+    # the demo's proportions (200 labeled, 1,800 unlabeled): no warning
+    lines = schedule_summary(30, 225, 8, 8, 200, 1800, 10)
+    assert len(lines) == 2 and not any(line.startswith("warning") for line in lines)
+    # supervised: one line, the labeled set once per epoch
+    assert schedule_summary(30, 25, 8, 0, 200, 1800, 0) == [
+        "schedule: 30 epochs x 25 steps of 8 labeled images; an epoch walks the 200 labeled images 1x"]

@@ -444,6 +444,7 @@ class PairedLoader:
             raise ValueError(f"batch_size and unlabeled_ratio must be >= 1, got {batch_size}, {unlabeled_ratio}")
         self.batch_size = int(batch_size)
         self.unlabeled_batch_size = int(batch_size * unlabeled_ratio)
+        self.labeled_batch_size = self.batch_size
         self.has_unlabeled = unlabeled_ds is not None
         nl = len(labeled_ds)
         lab_stream = _Stream(nl, seed, tag=0)
@@ -467,7 +468,7 @@ class PairedLoader:
             self._unl_loader = _loader(unlabeled_ds, self._unl_sampler, collate_unlabeled, w_unl)
         else:
             if steps_per_epoch is None:
-                bl = min(self.batch_size, nl)  # a set smaller than a batch still gives one step
+                bl = self.labeled_batch_size = min(self.batch_size, nl)  # a set smaller than a batch: one step
                 self.steps = nl // bl
                 self._lab_sampler = _EpochBatchSampler(lab_stream, bl, self.steps, nl)
             else:

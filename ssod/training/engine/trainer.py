@@ -79,6 +79,32 @@ def param_groups(modules: list[nn.Module], weight_decay: float) -> list[dict[str
     ]
 
 
+# ultralytics trains 100 epochs by default and 300 from scratch; a burn-in walking the labeled set
+# far more often than that is long past where supervised training levels off
+LONG_BURN_IN_PASSES = 300
+
+
+def schedule_summary(
+    epochs: int, steps: int, batch: int, unlabeled_batch: int, n_labeled: int, n_unlabeled: int, burn_in: int,
+) -> list[str]:
+    """What one epoch and the burn-in mean in steps and passes over each set (``unlabeled_batch`` 0:
+    no unlabeled images). An SSOD epoch walks the unlabeled set, so with few labeled and many
+    unlabeled images the burn-in repeats the labeled set thousands of times: say so up front."""
+    passes = steps * batch / max(n_labeled, 1)
+    walk = (f"an epoch walks the {n_unlabeled} unlabeled images {steps * unlabeled_batch / n_unlabeled:.3g}x and "
+            f"the {n_labeled} labeled {passes:.3g}x" if unlabeled_batch
+            else f"an epoch walks the {n_labeled} labeled images {passes:.3g}x")
+    lines = [f"schedule: {epochs} epochs x {steps} steps of {batch} labeled"
+             + (f" + {unlabeled_batch} unlabeled" if unlabeled_batch else "") + f" images; {walk}"]
+    if unlabeled_batch and burn_in > 0:
+        lines.append(f"burn-in: {burn_in} epochs = {burn_in * steps} supervised-only steps "
+                     f"({burn_in * passes:.0f} passes over the labeled images)")
+        if burn_in * passes > LONG_BURN_IN_PASSES:
+            lines.append(f"warning: the burn-in walks the labeled images {burn_in * passes:.0f} times (ultralytics "
+                         f"trains 100-300 epochs); shorten it with --burn-in-epochs, or set steps_per_epoch")
+    return lines
+
+
 def _fork_settings(cfg: dict) -> dict:
     """``Trainer.FORK_KEYS`` of a config; ``aug`` without the strong-view keys (``strong_*``), which
     shape only unlabeled views and so cannot change a supervised burn-in."""
@@ -259,6 +285,13 @@ class Trainer:
 
         self._call("before_train")
         LOG.info("training %s on %s for %d epochs -> %s", self.cfg["method"], self.device, self.epochs, self.run_dir)
+        uses_unlabeled = self.method.uses_unlabeled
+        for line in schedule_summary(
+            self.epochs, len(self.loader), self.loader.labeled_batch_size,
+            self.loader.unlabeled_batch_size if uses_unlabeled else 0, len(self.spec.train),
+            len(self.spec.unlabeled), self.burn_in_epochs,
+        ):
+            (LOG.warning if line.startswith("warning") else LOG.info)(line)
         for self.epoch in range(self.start_epoch, self.epochs):
             # Seeding per epoch makes a resumed run draw exactly what an uninterrupted one would.
             torch.manual_seed(self.cfg["seed"] * 1000 + self.epoch)
