@@ -97,7 +97,7 @@ def schedule_summary(
     lines = [f"schedule: {epochs} epochs x {steps} steps of {batch} labeled"
              + (f" + {unlabeled_batch} unlabeled" if unlabeled_batch else "") + f" images; {walk}"]
     if unlabeled_batch and burn_in > 0:
-        lines.append(f"burn-in: {burn_in} epochs = {burn_in * steps} supervised-only steps "
+        lines.append(f"burn-in: {burn_in} epoch{'s' * (burn_in != 1)} = {burn_in * steps} supervised-only steps "
                      f"({burn_in * passes:.0f} passes over the labeled images)")
         if burn_in * passes > LONG_BURN_IN_PASSES:
             lines.append(f"warning: the burn-in walks the labeled images {burn_in * passes:.0f} times (ultralytics "
