@@ -97,13 +97,19 @@ def evaluate(
     which: str = typer.Option("teacher", help="teacher (EMA, default) or student."),
     out: Optional[str] = typer.Option(None, help="JSON output path (default: next to the weights)."),
 ) -> None:
-    """COCO mAP (AP, AP50, AP75, S/M/L) and a per-class AP table for a checkpoint."""
+    """COCO mAP (AP, AP50, AP75, S/M/L), a per-class AP table and the confusion matrix (JSON + PNG)
+    for a checkpoint."""
+    import numpy as np
+
     from ssod.training.evaluate_cli import evaluate_checkpoint
-    from ssod_deploy.evaluate import format_table
+    from ssod_deploy.evaluate import format_table, top_confusions
 
     result, out_path = evaluate_checkpoint(weights, data=data, imgsz=imgsz, batch=batch, device=device, which=which, out=out)
     typer.echo(format_table(result))
-    typer.echo(f"saved {out_path}")
+    worst = top_confusions(np.asarray(result["confusion"]["matrix"]), result["confusion"]["names"])
+    if worst:
+        typer.echo("most confused (true -> predicted, conf 0.25): " + "; ".join(worst))
+    typer.echo(f"saved {out_path} and {out_path.with_name(out_path.stem + '_confusion.png').name}")
 
 
 @data_app.command("demo")

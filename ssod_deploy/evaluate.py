@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from ssod_deploy.boxes import box_iou
+
 METRIC_KEYS = ("mAP50-95", "mAP50", "mAP75", "mAP_small", "mAP_medium", "mAP_large")
 
 
@@ -143,6 +145,77 @@ def _per_class(ev: Any, gt_ds: dict[str, Any]) -> list[dict[str, Any]]:
 def _mean_valid(p: np.ndarray) -> float:
     valid = p[p > -1]
     return float(valid.mean()) if valid.size else float("nan")
+
+
+# ------------------------------------------------------------------------------------ confusion
+
+
+def confusion_matrix(
+    gt: Mapping[str, Any], detections: Sequence[Mapping[str, Any]], conf: float = 0.25, iou: float = 0.45,
+    category_ids: Sequence[int] | None = None,
+) -> np.ndarray:
+    """Detection confusion matrix, ultralytics' definition: ``m[pred, true]`` over the classes plus a
+    last "background" index (row: a ground-truth box nothing found; column: a detection on nothing).
+
+    Detections with ``score >= conf`` are matched to ground truth of any class at IoU > ``iou``,
+    each box at most once, highest IoU first, so a right box with the wrong class shows up off the
+    diagonal: the error mAP hides and the one a teacher's pseudo labels mostly make.
+    ``category_ids`` gives the matrix order (default: the categories sorted by id); crowd boxes are
+    left out. Vectorised per image.
+    """
+    ids = list(category_ids) if category_ids is not None else sorted(int(c["id"]) for c in gt.get("categories", []))
+    index = {c: i for i, c in enumerate(ids)}
+    nc = len(ids)
+    m = np.zeros((nc + 1, nc + 1), np.int64)
+    per_image: dict[Any, list[list[Any]]] = {img["id"]: [[], [], [], []] for img in gt.get("images", [])}
+    for a in gt.get("annotations", []):
+        if not a.get("iscrowd", 0) and a["category_id"] in index and a["image_id"] in per_image:
+            per_image[a["image_id"]][0].append(a["bbox"])
+            per_image[a["image_id"]][1].append(index[a["category_id"]])
+    for d in detections:
+        if d["score"] >= conf and d["category_id"] in index and d["image_id"] in per_image:
+            per_image[d["image_id"]][2].append(d["bbox"])
+            per_image[d["image_id"]][3].append(index[d["category_id"]])
+    for g_box, g_cls, d_box, d_cls in per_image.values():
+        g_cls, d_cls = np.asarray(g_cls, np.int64), np.asarray(d_cls, np.int64)
+        gi, di = _match(_xyxy(g_box), _xyxy(d_box), iou)
+        np.add.at(m, (d_cls[di], g_cls[gi]), 1)
+        np.add.at(m, (nc, np.delete(g_cls, gi)), 1)  # missed
+        np.add.at(m, (np.delete(d_cls, di), nc), 1)  # on background
+    return m
+
+
+def _xyxy(xywh: list) -> np.ndarray:
+    b = np.asarray(xywh, np.float64).reshape(-1, 4)
+    return np.concatenate([b[:, :2], b[:, :2] + b[:, 2:]], 1)
+
+
+def _match(g: np.ndarray, d: np.ndarray, thr: float) -> tuple[np.ndarray, np.ndarray]:
+    """One-to-one (gt, detection) pairs with IoU > ``thr``, greedy by IoU (ultralytics' rule)."""
+    if not len(g) or not len(d):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    ious = box_iou(g, d)
+    gi, di = np.nonzero(ious > thr)
+    order = np.argsort(-ious[gi, di], kind="stable")
+    gi, di = gi[order], di[order]
+    keep = np.unique(di, return_index=True)[1]  # each detection once, its best gt
+    gi, di = gi[np.sort(keep)], di[np.sort(keep)]
+    keep = np.unique(gi, return_index=True)[1]  # each gt once, its best detection
+    return gi[np.sort(keep)], di[np.sort(keep)]
+
+
+def top_confusions(m: np.ndarray, names: Sequence[str], k: int = 5) -> list[str]:
+    """The ``k`` largest off-diagonal class-to-class counts, as 'true -> predicted: n of N true boxes'."""
+    nc = len(names)
+    off = m[:nc, :nc].copy()
+    np.fill_diagonal(off, 0)
+    flat = np.argsort(-off, axis=None, kind="stable")[:k]
+    totals = m[:, :nc].sum(0)
+    lines = []
+    for pred, true in zip(*np.unravel_index(flat, off.shape)):
+        if off[pred, true] > 0:
+            lines.append(f"{names[true]} -> {names[pred]}: {off[pred, true]} of {totals[true]} {names[true]} boxes")
+    return lines
 
 
 # ------------------------------------------------------------------------------------ output

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 
+import numpy as np
 from typer.testing import CliRunner
 
 from ssod.cli import app
@@ -25,6 +26,12 @@ def test_train_then_eval(tiny_demo, tmp_path):
     saved = json.loads((weights.parent / "last_eval_teacher.json").read_text())
     assert set(saved["metrics"]) >= {"mAP50-95", "mAP50", "mAP75"}
     assert len(saved["per_class"]) == 10
+    # the confusion matrix: every val box lands in one column (found or missed), the picture is written
+    matrix = np.asarray(saved["confusion"]["matrix"])
+    n_val = sum(r["n_gt"] for r in saved["per_class"])
+    assert matrix.shape == (11, 11) and matrix[:, :10].sum() == n_val
+    assert (weights.parent / "last_eval_teacher_confusion.png").stat().st_size > 0
+    assert (tmp_path / "cli" / "confusion_matrix.png").exists()  # and training's final one
     if importlib.util.find_spec("tensorrt") is None:  # the engine is left to the GPU machine: exit code 3, one error
         r = runner.invoke(app, ["export", str(weights), "--format", "trt", "--out", str(tmp_path / "m.engine")])
         assert r.exit_code == 3, r.output

@@ -116,3 +116,39 @@ def test_detections_to_coco_roundtrip() -> None:
     assert detections_to_coco([1], [np.zeros((0, 4))], [np.zeros(0)], [np.zeros(0)], [7]) == []
     with pytest.raises(ValueError, match="label"):
         detections_to_coco([1], boxes[:1], scores[:1], [np.array([3])], [7])
+
+
+def test_confusion_matrix_counts_right_wrong_missed_and_background() -> None:
+    """Two classes (ids 3, 5). Image 1: a right class-3 box, a class-5 object found as class 3 (the
+    wrong class on a right box), a duplicate of it (on background), a low-score box (ignored). Image 2:
+    a missed class-5 object and a detection on nothing."""
+    from ssod_deploy.evaluate import confusion_matrix, top_confusions
+
+    gt = {
+        "images": [{"id": 1, "width": 100, "height": 100}, {"id": 2, "width": 100, "height": 100}],
+        "categories": [{"id": 5, "name": "five"}, {"id": 3, "name": "three"}],
+        "annotations": [
+            {"image_id": 1, "category_id": 3, "bbox": [0, 0, 20, 20]},
+            {"image_id": 1, "category_id": 5, "bbox": [50, 50, 20, 20]},
+            {"image_id": 2, "category_id": 5, "bbox": [10, 10, 20, 20]},
+        ],
+    }
+    dets = [
+        _det(1, [1, 1, 20, 20], 0.9, cat=3),     # right
+        _det(1, [50, 50, 20, 20], 0.8, cat=3),   # five seen as three (IoU 1)
+        _det(1, [52, 52, 20, 20], 0.7, cat=5),   # the same object again: its gt is taken -> background
+        _det(1, [0, 0, 20, 20], 0.1, cat=5),     # below conf 0.25: not counted
+        _det(2, [70, 70, 10, 10], 0.5, cat=5),   # on nothing
+    ]
+    m = confusion_matrix(gt, dets)  # order: sorted ids (3, 5), then background
+    assert m.tolist() == [
+        [1, 1, 0],   # predicted three: true three, true five, background
+        [0, 0, 2],   # predicted five: the duplicate and the box on nothing
+        [0, 1, 0],   # missed: the five of image 2
+    ]
+    assert m.sum() == 5
+    assert top_confusions(m, ["three", "five"]) == ["five -> three: 1 of 2 five boxes"]
+    # IoU 0.9: the 'right' box (IoU 0.82) no longer matches: a missed three and a box on background
+    assert confusion_matrix(gt, dets, iou=0.9).tolist() == [[0, 1, 1], [0, 0, 2], [1, 1, 0]]
+    # the explicit order puts five first
+    assert confusion_matrix(gt, dets, category_ids=[5, 3]).tolist() == [[0, 0, 2], [1, 1, 0], [1, 0, 0]]

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from ssod.training.pseudo_geometry import map_boxes
-from ssod_deploy.evaluate import coco_evaluate
+from ssod_deploy.evaluate import coco_evaluate, confusion_matrix
 
 
 @torch.no_grad()
@@ -39,7 +39,8 @@ def predict_original_coords(model, loader, device, conf: float, iou: float, max_
 
 
 def evaluate_detector(model, loader, spec, device, conf: float = 0.001, iou: float = 0.7, max_det: int = 300) -> dict[str, Any]:
-    """COCO mAP (+ per-class AP) of ``model`` on ``spec.val``; image ids are val indices."""
+    """COCO mAP (+ per-class AP, + the confusion matrix at ultralytics' conf 0.25 / IoU 0.45) of
+    ``model`` on ``spec.val``; image ids are val indices."""
     dets: list[dict[str, Any]] = []
     for image_id, boxes, scores, labels in predict_original_coords(model, loader, device, conf, iou, max_det):
         wh = boxes[:, 2:] - boxes[:, :2]
@@ -47,4 +48,7 @@ def evaluate_detector(model, loader, spec, device, conf: float = 0.001, iou: flo
             {"image_id": int(image_id), "category_id": int(c), "bbox": [float(x), float(y), float(w), float(h)], "score": float(s)}
             for (x, y), (w, h), s, c in zip(boxes[:, :2], wh, scores, labels)
         )
-    return coco_evaluate(spec.val_coco, dets)
+    result = coco_evaluate(spec.val_coco, dets)
+    matrix = confusion_matrix(spec.val_coco, dets, category_ids=range(len(spec.names)))
+    result["confusion"] = {"names": list(spec.names), "matrix": matrix.tolist()}  # rows predicted, columns true
+    return result

@@ -90,6 +90,25 @@ class MetricsLoggerHook(Hook):
             except Exception as e:  # a plot must never end a training run
                 LOG.warning("could not plot %s: %s", self.csv_path, e)
 
+    def after_train(self, trainer: "Trainer") -> None:
+        """The final evaluation's confusion matrix as a picture, and its largest confusions in the log."""
+        confusion = (trainer.last_eval or {}).get("confusion")
+        if confusion is None:
+            return
+        from ssod_deploy.evaluate import top_confusions
+
+        worst = top_confusions(np.asarray(confusion["matrix"]), confusion["names"], k=3)
+        if worst:
+            LOG.info("most confused (true -> predicted, conf 0.25): %s", "; ".join(worst))
+        if self.plots:
+            from ssod.training.engine.plots import plot_confusion_matrix
+
+            try:
+                plot_confusion_matrix(confusion["matrix"], confusion["names"], self.csv_path.parent / "confusion_matrix.png",
+                                      f"EMA teacher, epoch {trainer.epoch + 1}, conf 0.25, IoU 0.45 (columns sum to 1)")
+            except Exception as e:  # a plot must never end a training run
+                LOG.warning("could not plot the confusion matrix: %s", e)
+
     def _read(self, path: Path | None = None) -> list[dict[str, str]]:
         path = path or self.csv_path
         if not path.exists():

@@ -31,6 +31,36 @@ def plot_results(csv_path: str | Path, out_png: str | Path) -> Path:
     return save_figure(fig, out_png)
 
 
+def plot_confusion_matrix(matrix, names: list[str], out_png: str | Path, title: str = "") -> Path:
+    """The detection confusion matrix (``ssod_deploy.evaluate.confusion_matrix``), each true-class
+    column normalised to 1 as ultralytics draws it, so rare classes read as clearly as common ones;
+    cells annotated up to 30 classes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    m = np.asarray(matrix, dtype=np.float64)
+    frac = m / np.maximum(m.sum(0, keepdims=True), 1)
+    labels = [*names, "background"]
+    n = len(labels)
+    side = min(max(4.0, 0.45 * n + 2), 24.0)
+    fig, ax = plt.subplots(figsize=(side, side * 0.85))
+    im = ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    ax.set_xticks(range(n), labels, rotation=90, fontsize=7)
+    ax.set_yticks(range(n), labels, fontsize=7)
+    ax.set_xlabel("true")
+    ax.set_ylabel("predicted")
+    ax.set_title(title or "confusion matrix (columns sum to 1)", fontsize=9)
+    if n <= 31:
+        for (i, j), v in np.ndenumerate(frac):
+            if m[i, j]:
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="white" if v > 0.5 else "black")
+    return save_figure(fig, out_png)
+
+
 def save_figure(fig, out_png: str | Path, dpi: int = 90) -> Path:
     """Lay out, write atomically (a reader never sees half a PNG) and close a matplotlib figure."""
     import matplotlib.pyplot as plt
