@@ -97,8 +97,8 @@ def evaluate(
     which: str = typer.Option("teacher", help="teacher (EMA, default) or student."),
     out: Optional[str] = typer.Option(None, help="JSON output path (default: next to the weights)."),
 ) -> None:
-    """COCO mAP (AP, AP50, AP75, S/M/L), a per-class AP table and the confusion matrix (JSON + PNG)
-    for a checkpoint."""
+    """COCO mAP (AP, AP50, AP75, S/M/L), a per-class AP table, the confusion matrix and PR curves
+    (JSON + PNGs) for a checkpoint."""
     import numpy as np
 
     from ssod.training.evaluate_cli import evaluate_checkpoint
@@ -109,7 +109,7 @@ def evaluate(
     worst = top_confusions(np.asarray(result["confusion"]["matrix"]), result["confusion"]["names"])
     if worst:
         typer.echo("most confused (true -> predicted, conf 0.25): " + "; ".join(worst))
-    typer.echo(f"saved {out_path} and {out_path.with_name(out_path.stem + '_confusion.png').name}")
+    typer.echo(f"saved {out_path}, {out_path.stem}_confusion.png and {out_path.stem}_pr.png")
 
 
 @data_app.command("demo")

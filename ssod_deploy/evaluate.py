@@ -27,7 +27,9 @@ def coco_evaluate(gt: Mapping[str, Any], detections: Sequence[Mapping[str, Any]]
     ``detections``: dicts with ``image_id``, ``category_id``, ``bbox`` [x, y, w, h], ``score``.
     Returns ``{"metrics": {...}, "per_class": [...]}``; metrics are 0-1 floats, NaN where
     pycocotools reports -1 (no ground truth in that size range / class).
-    Per-class AP is read from ``COCOeval.eval["precision"]`` at area=all, maxDets=100.
+    Per-class AP is read from ``COCOeval.eval["precision"]`` at area=all, maxDets=100, and so is
+    ``pr_curve``: each class's precision at pycocotools' 101 recall points at IoU 0.5 (None for a
+    class without ground truth), for the PR-curve picture.
     """
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
@@ -49,7 +51,22 @@ def coco_evaluate(gt: Mapping[str, Any], detections: Sequence[Mapping[str, Any]]
 
     metrics = {k: _nan_if_neg(v) for k, v in zip(METRIC_KEYS, ev.stats[:6])}
     per_class = _per_class(ev, gt_ds)
-    return {"metrics": metrics, "per_class": per_class}
+    return {"metrics": metrics, "per_class": per_class, "pr_curve": _pr_curve(ev)}
+
+
+def _pr_curve(ev: Any) -> dict[str, Any]:
+    """Precision at the 101 recall points, IoU 0.5, area all, maxDets 100, per class (pycocotools'
+    interpolated curve: the one its AP50 averages)."""
+    precision = ev.eval["precision"]
+    a_all = ev.params.areaRngLbl.index("all")
+    m_100 = ev.params.maxDets.index(100) if 100 in ev.params.maxDets else -1
+    t50 = int(np.argmin(np.abs(ev.params.iouThrs - 0.5)))
+    curves = precision[t50, :, :, a_all, m_100].T  # (K, R)
+    return {
+        "recall": [round(float(r), 2) for r in ev.params.recThrs],
+        "category_ids": [c for c in ev.params.catIds],
+        "precision": [None if (c < 0).all() else np.clip(c, 0, None).round(4).tolist() for c in curves],
+    }
 
 
 def _nan_if_neg(v: float) -> float:

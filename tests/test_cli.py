@@ -30,8 +30,11 @@ def test_train_then_eval(tiny_demo, tmp_path):
     matrix = np.asarray(saved["confusion"]["matrix"])
     n_val = sum(r["n_gt"] for r in saved["per_class"])
     assert matrix.shape == (11, 11) and matrix[:, :10].sum() == n_val
-    assert (weights.parent / "last_eval_teacher_confusion.png").stat().st_size > 0
-    assert (tmp_path / "cli" / "confusion_matrix.png").exists()  # and training's final one
+    for png in ("last_eval_teacher_confusion.png", "last_eval_teacher_pr.png"):
+        assert (weights.parent / png).stat().st_size > 0
+    assert len(saved["pr_curve"]["recall"]) == 101 and len(saved["pr_curve"]["precision"]) == 10
+    for png in ("confusion_matrix.png", "PR_curve.png"):  # and training's final ones
+        assert (tmp_path / "cli" / png).exists()
     if importlib.util.find_spec("tensorrt") is None:  # the engine is left to the GPU machine: exit code 3, one error
         r = runner.invoke(app, ["export", str(weights), "--format", "trt", "--out", str(tmp_path / "m.engine")])
         assert r.exit_code == 3, r.output

@@ -34,8 +34,8 @@ def evaluate_checkpoint(
     tmp = out_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({"weights": str(weights), "data": str(data or cfg["data"]), **result}, indent=2, default=float))
     tmp.replace(out_path)
-    from ssod.training.engine.plots import plot_confusion_matrix
+    from ssod.training.engine.plots import save_eval_plots
 
-    plot_confusion_matrix(result["confusion"]["matrix"], result["confusion"]["names"], out_path.with_name(out_path.stem + "_confusion.png"),
-                          f"{Path(weights).name} ({which}), conf 0.25, IoU 0.45 (columns sum to 1)")
+    save_eval_plots(result, out_path.with_name(out_path.stem + "_confusion.png"),
+                    out_path.with_name(out_path.stem + "_pr.png"), f"{Path(weights).name} ({which})")
     return result, out_path

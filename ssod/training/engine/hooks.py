@@ -91,7 +91,7 @@ class MetricsLoggerHook(Hook):
                 LOG.warning("could not plot %s: %s", self.csv_path, e)
 
     def after_train(self, trainer: "Trainer") -> None:
-        """The final evaluation's confusion matrix as a picture, and its largest confusions in the log."""
+        """The final evaluation's confusion matrix and PR curves as pictures, its largest confusions in the log."""
         confusion = (trainer.last_eval or {}).get("confusion")
         if confusion is None:
             return
@@ -101,13 +101,14 @@ class MetricsLoggerHook(Hook):
         if worst:
             LOG.info("most confused (true -> predicted, conf 0.25): %s", "; ".join(worst))
         if self.plots:
-            from ssod.training.engine.plots import plot_confusion_matrix
+            from ssod.training.engine.plots import save_eval_plots
 
+            run = self.csv_path.parent
             try:
-                plot_confusion_matrix(confusion["matrix"], confusion["names"], self.csv_path.parent / "confusion_matrix.png",
-                                      f"EMA teacher, epoch {trainer.epoch + 1}, conf 0.25, IoU 0.45 (columns sum to 1)")
+                save_eval_plots(trainer.last_eval, run / "confusion_matrix.png", run / "PR_curve.png",
+                                f"EMA teacher, epoch {trainer.epoch + 1}")
             except Exception as e:  # a plot must never end a training run
-                LOG.warning("could not plot the confusion matrix: %s", e)
+                LOG.warning("could not plot the final evaluation: %s", e)
 
     def _read(self, path: Path | None = None) -> list[dict[str, str]]:
         path = path or self.csv_path

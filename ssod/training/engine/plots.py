@@ -61,6 +61,45 @@ def plot_confusion_matrix(matrix, names: list[str], out_png: str | Path, title: 
     return save_figure(fig, out_png)
 
 
+def plot_pr_curves(pr_curve: dict, names: list[str], out_png: str | Path, title: str = "") -> Path:
+    """Precision-recall at IoU 0.5 per class (``coco_evaluate``'s ``pr_curve``) and their mean,
+    whose area is mAP50: where each class loses, at which recall."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    recall = np.asarray(pr_curve["recall"])
+    curves = [(n, np.asarray(p)) for n, p in zip(names, pr_curve["precision"]) if p is not None]
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    for name, p in curves:
+        ax.plot(recall, p, lw=1, alpha=0.6, label=f"{name} {p.mean():.3f}" if len(curves) <= 12 else None)
+    if curves:
+        mean = np.mean([p for _, p in curves], 0)
+        ax.plot(recall, mean, lw=3, color="tab:blue", label=f"all classes {mean.mean():.3f} mAP50")
+        ax.legend(fontsize=7, loc="lower left")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_title(title or "precision-recall, IoU 0.5", fontsize=9)
+    return save_figure(fig, out_png)
+
+
+def save_eval_plots(result: dict, confusion_png: str | Path, pr_png: str | Path, what: str) -> list[Path]:
+    """The pictures of one evaluation (``evaluate_detector``'s result): confusion matrix and PR curves."""
+    out = []
+    if result.get("confusion"):
+        c = result["confusion"]
+        out.append(plot_confusion_matrix(c["matrix"], c["names"], confusion_png,
+                                         f"{what}, conf 0.25, IoU 0.45 (columns sum to 1)"))
+    if result.get("pr_curve"):
+        out.append(plot_pr_curves(result["pr_curve"], [r["name"] for r in result["per_class"]], pr_png,
+                                  f"{what}, precision-recall at IoU 0.5"))
+    return out
+
+
 def save_figure(fig, out_png: str | Path, dpi: int = 90) -> Path:
     """Lay out, write atomically (a reader never sees half a PNG) and close a matplotlib figure."""
     import matplotlib.pyplot as plt
