@@ -17,6 +17,7 @@ def evaluate_checkpoint(
 ) -> tuple[dict[str, Any], Path]:
     from ssod.training.data.formats import load_dataset
     from ssod.training.data.loader import build_val_loader
+    from ssod.training.engine.plots import save_eval_plots
     from ssod.training.models.base import fit_imgsz
 
     dev = select_device(device)
@@ -34,8 +35,6 @@ def evaluate_checkpoint(
     tmp = out_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({"weights": str(weights), "data": str(data or cfg["data"]), **result}, indent=2, default=float))
     tmp.replace(out_path)
-    from ssod.training.engine.plots import save_eval_plots
-
     save_eval_plots(result, out_path.with_name(out_path.stem + "_confusion.png"),
                     out_path.with_name(out_path.stem + "_pr.png"), f"{Path(weights).name} ({which})")
     return result, out_path

@@ -79,8 +79,8 @@ def param_groups(modules: list[nn.Module], weight_decay: float) -> list[dict[str
     ]
 
 
-# ultralytics trains 100 epochs by default and 300 from scratch; a burn-in walking the labeled set
-# far more often than that is long past where supervised training levels off
+# ultralytics' default is 100 epochs (YOLOv5 trained 300 from scratch); a burn-in walking the labeled
+# set far more often than that is long past where supervised training levels off
 LONG_BURN_IN_PASSES = 300
 
 
@@ -100,8 +100,8 @@ def schedule_summary(
         lines.append(f"burn-in: {burn_in} epoch{'s' * (burn_in != 1)} = {burn_in * steps} supervised-only steps "
                      f"({burn_in * passes:.0f} passes over the labeled images)")
         if burn_in * passes > LONG_BURN_IN_PASSES:
-            lines.append(f"warning: the burn-in walks the labeled images {burn_in * passes:.0f} times (ultralytics "
-                         f"trains 100-300 epochs); shorten it with --burn-in-epochs, or set steps_per_epoch")
+            lines.append(f"warning: the burn-in walks the labeled images {burn_in * passes:.0f} times (ultralytics' "
+                         f"default is 100 epochs); shorten it with --burn-in-epochs, or set steps_per_epoch in a --config file")
     return lines
 
 
@@ -285,10 +285,9 @@ class Trainer:
 
         self._call("before_train")
         LOG.info("training %s on %s for %d epochs -> %s", self.cfg["method"], self.device, self.epochs, self.run_dir)
-        uses_unlabeled = self.method.uses_unlabeled
         for line in schedule_summary(
             self.epochs, len(self.loader), self.loader.labeled_batch_size,
-            self.loader.unlabeled_batch_size if uses_unlabeled else 0, len(self.spec.train),
+            self.loader.unlabeled_batch_size if self.method.uses_unlabeled else 0, len(self.spec.train),
             len(self.spec.unlabeled), self.burn_in_epochs,
         ):
             (LOG.warning if line.startswith("warning") else LOG.info)(line)
