@@ -101,7 +101,8 @@ def schedule_summary(
                      f"({burn_in * passes:.0f} passes over the labeled images)")
         if burn_in * passes > LONG_BURN_IN_PASSES:
             lines.append(f"warning: the burn-in walks the labeled images {burn_in * passes:.0f} times (ultralytics' "
-                         f"default is 100 epochs); shorten it with --burn-in-epochs, or set steps_per_epoch in a --config file")
+                         "default is 100 epochs); shorten it with --burn-in-epochs, or set steps_per_epoch in a "
+                         "--config file")
     return lines
 
 
@@ -215,7 +216,8 @@ class Trainer:
             LabeledAug(**geo, hsv_h=aug["hsv_h"], hsv_s=aug["hsv_s"], hsv_v=aug["hsv_v"],
                        mosaic_p=aug["mosaic_p"], mixup_p=aug["mixup_p"],
                        strong=labeled_strong(aug, geo) if aug.get("strong_labeled_p") else None,
-                       strong_p=float(aug.get("strong_labeled_p") or 0.0), strong_from_epoch=self.burn_in_epochs),
+                       strong_p=float(aug.get("strong_labeled_p") or 0.0),
+                       strong_from_epoch=self.burn_in_epochs),
             train=True, seed=cfg["seed"],
         )
         unlabeled = None
