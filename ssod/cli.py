@@ -89,8 +89,8 @@ def train(
 @app.command("eval")
 @clean_errors
 def evaluate(
-    weights: str = typer.Argument(..., help="An ssod checkpoint (last.pt / best.pt)."),
-    data: Optional[str] = typer.Option(None, help="Dataset YAML (default: the one the checkpoint was trained on)."),
+    weights: str = typer.Argument(..., help="An ssod checkpoint (last.pt / best.pt) or an exported model (.onnx / .engine)."),
+    data: Optional[str] = typer.Option(None, help="Dataset YAML (default: the one the checkpoint was trained on; required for exported models)."),
     imgsz: Optional[int] = typer.Option(None, help="Eval image size (default: the training size)."),
     batch: int = typer.Option(16, help="Images per forward pass."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
@@ -98,7 +98,8 @@ def evaluate(
     out: Optional[str] = typer.Option(None, help="JSON output path (default: next to the weights)."),
 ) -> None:
     """COCO mAP (AP, AP50, AP75, S/M/L), a per-class AP table, the confusion matrix and PR curves
-    (JSON + PNGs) for a checkpoint."""
+    (JSON + PNGs) for a checkpoint, or for an exported model through the runtime's pipeline (is the
+    INT8 / FP16 export still accurate on your data?)."""
     import numpy as np
 
     from ssod.training.evaluate_cli import evaluate_checkpoint

@@ -35,6 +35,18 @@ def test_train_then_eval(tiny_demo, tmp_path):
     assert len(saved["pr_curve"]["recall"]) == 101 and len(saved["pr_curve"]["precision"]) == 10
     for png in ("confusion_matrix.png", "PR_curve.png"):  # and training's final ones
         assert (tmp_path / "cli" / png).exists()
+    # the exported model through the runtime's pipeline, on the same val split
+    r = runner.invoke(app, ["export", str(weights), "--format", "onnx", "--out", str(tmp_path / "m.onnx")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["eval", str(tmp_path / "m.onnx")])
+    assert r.exit_code == 1 and "give --data" in r.output
+    r = runner.invoke(app, ["eval", str(tmp_path / "m.onnx"), "--data", str(tiny_demo), "--batch", "4"])
+    assert r.exit_code == 0, r.output
+    onnx_eval = json.loads((tmp_path / "m_eval_model.json").read_text())
+    assert len(onnx_eval["per_class"]) == 10 and (tmp_path / "m_eval_model_confusion.png").exists()
+    assert np.asarray(onnx_eval["confusion"]["matrix"])[:, :10].sum() == n_val
+    for k in ("mAP50-95", "mAP50"):  # another letterbox (minimal rectangles) and NMS: close, not equal
+        assert abs(onnx_eval["metrics"][k] - saved["metrics"][k]) < 0.02
     if importlib.util.find_spec("tensorrt") is None:  # the engine is left to the GPU machine: exit code 3, one error
         r = runner.invoke(app, ["export", str(weights), "--format", "trt", "--out", str(tmp_path / "m.engine")])
         assert r.exit_code == 3, r.output

@@ -1,4 +1,4 @@
-"""`ssod eval`: evaluate a checkpoint's teacher (or student) on a dataset's val split."""
+"""`ssod eval`: evaluate a checkpoint's teacher (or student), or an exported model, on a dataset's val split."""
 
 from __future__ import annotations
 
@@ -6,9 +6,44 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ssod.config import resolve_config
 from ssod.training.engine.checkpoint import load_detector
-from ssod.training.engine.evaluation import evaluate_detector
+from ssod.training.engine.evaluation import evaluate_detector, score_detections
+from ssod.training.engine.plots import save_eval_plots
 from ssod.training.engine.trainer import select_device
+
+EXPORTED_SUFFIXES = (".onnx", ".engine")
+
+
+def evaluate_exported(
+    model: str, spec: Any, conf: float = 0.001, iou: float = 0.7, max_det: int = 300, batch: int = 16,
+) -> dict[str, Any]:
+    """COCO mAP, per-class AP, PR curves and confusion matrix of an exported model (ONNX / TensorRT)
+    on ``spec.val``, through the runtime's own pipeline (``ssod_deploy.Detector``: the letterbox,
+    decode and NMS that ``ssod label`` runs), so an FP16 or INT8 export is checked on the user's own
+    val images. A val image that cannot be read gets no detections (its boxes count as missed) and
+    a warning, as in training's evaluation."""
+    import logging
+
+    from ssod_deploy.detector import Detector
+    from ssod_deploy.evaluate import detections_to_coco
+    from ssod_deploy.images import ImageReadError, read_image
+
+    det = Detector(model, conf=conf, iou=iou, max_det=max_det)
+    if list(det.names) != list(spec.names):
+        raise ValueError(f"{model}: class names {det.names} differ from the dataset's {list(spec.names)}")
+    dets: list[dict[str, Any]] = []
+    for start in range(0, len(spec.val), batch):
+        ids, images = [], []
+        for i, sample in enumerate(spec.val[start:start + batch], start):
+            try:
+                images.append(read_image(sample.path))
+                ids.append(i)
+            except ImageReadError as e:
+                logging.getLogger("ssod").warning("skipped %s: %s", e.path, e.reason)
+        found = det(images)
+        dets += detections_to_coco(ids, [d.boxes for d in found], [d.scores for d in found], [d.labels for d in found])
+    return score_detections(spec, dets)
 
 
 def evaluate_checkpoint(
@@ -17,9 +52,20 @@ def evaluate_checkpoint(
 ) -> tuple[dict[str, Any], Path]:
     from ssod.training.data.formats import load_dataset
     from ssod.training.data.loader import build_val_loader
-    from ssod.training.engine.plots import save_eval_plots
     from ssod.training.models.base import fit_imgsz
 
+    if Path(weights).suffix.lower() in EXPORTED_SUFFIXES:
+        if not data:
+            raise ValueError(f"{weights}: an exported model does not name its dataset: give --data data.yaml")
+        if imgsz is not None or which != "teacher":
+            raise ValueError(f"{weights}: an exported model is the teacher at the size it was exported at; "
+                             "--imgsz and --which apply to checkpoints")
+        spec = load_dataset(data)
+        if not spec.val:
+            raise ValueError(f"{data}: no val split to evaluate on")
+        d = resolve_config()
+        result = evaluate_exported(weights, spec, d["val_conf"], d["val_iou"], d["max_det"], batch)
+        return result, _save(result, weights, data, out, "model")
     dev = select_device(device)
     model, ckpt = load_detector(weights, which)
     model.to(dev)
@@ -31,10 +77,15 @@ def evaluate_checkpoint(
         raise ValueError(f"{data or cfg['data']}: no val split to evaluate on")
     loader = build_val_loader(spec.val, fit_imgsz(model, imgsz or cfg["imgsz"], "evaluating"), batch, workers)
     result = evaluate_detector(model, loader, spec, dev, conf=cfg["val_conf"], iou=cfg["val_iou"], max_det=cfg["max_det"])
+    return result, _save(result, weights, data or cfg["data"], out, which)
+
+
+def _save(result: dict[str, Any], weights: str, data: str, out: str | None, which: str) -> Path:
+    """The JSON (atomically) and the two pictures next to it."""
     out_path = Path(out) if out else Path(weights).with_name(Path(weights).stem + f"_eval_{which}.json")
     tmp = out_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"weights": str(weights), "data": str(data or cfg["data"]), **result}, indent=2, default=float))
+    tmp.write_text(json.dumps({"weights": str(weights), "data": str(data), **result}, indent=2, default=float))
     tmp.replace(out_path)
     save_eval_plots(result, out_path.with_name(out_path.stem + "_confusion.png"),
                     out_path.with_name(out_path.stem + "_pr.png"), f"{Path(weights).name} ({which})")
-    return result, out_path
+    return out_path

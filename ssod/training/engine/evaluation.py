@@ -48,7 +48,13 @@ def evaluate_detector(model, loader, spec, device, conf: float = 0.001, iou: flo
             {"image_id": int(image_id), "category_id": int(c), "bbox": [float(x), float(y), float(w), float(h)], "score": float(s)}
             for (x, y), (w, h), s, c in zip(boxes[:, :2], wh, scores, labels)
         )
+    return score_detections(spec, dets)
+
+
+def score_detections(spec, dets: list[dict[str, Any]]) -> dict[str, Any]:
+    """COCO metrics, per-class AP and PR curves of COCO-format ``dets`` on ``spec.val``, plus the
+    confusion matrix (rows predicted, columns true, the last of each background)."""
     result = coco_evaluate(spec.val_coco, dets)
     matrix = confusion_matrix(spec.val_coco, dets, category_ids=range(len(spec.names)))
-    result["confusion"] = {"names": list(spec.names), "matrix": matrix.tolist()}  # rows predicted, columns true
+    result["confusion"] = {"names": list(spec.names), "matrix": matrix.tolist()}
     return result
