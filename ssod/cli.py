@@ -100,14 +100,12 @@ def evaluate(
     """COCO mAP (AP, AP50, AP75, S/M/L), a per-class AP table, the confusion matrix and PR curves
     (JSON + PNGs) for a checkpoint, or for an exported model through the runtime's pipeline (is the
     INT8 / FP16 export still accurate on your data?)."""
-    import numpy as np
-
     from ssod.training.evaluate_cli import evaluate_checkpoint
     from ssod_deploy.evaluate import format_table, top_confusions
 
     result, out_path = evaluate_checkpoint(weights, data=data, imgsz=imgsz, batch=batch, device=device, which=which, out=out)
     typer.echo(format_table(result))
-    worst = top_confusions(np.asarray(result["confusion"]["matrix"]), result["confusion"]["names"])
+    worst = top_confusions(result["confusion"]["matrix"], result["confusion"]["names"])
     if worst:
         typer.echo("most confused (true -> predicted, conf 0.25): " + "; ".join(worst))
     typer.echo(f"saved {out_path}, {out_path.stem}_confusion.png and {out_path.stem}_pr.png")

@@ -221,8 +221,10 @@ def _match(g: np.ndarray, d: np.ndarray, thr: float) -> tuple[np.ndarray, np.nda
     return gi[np.sort(keep)], di[np.sort(keep)]
 
 
-def top_confusions(m: np.ndarray, names: Sequence[str], k: int = 5) -> list[str]:
-    """The ``k`` largest off-diagonal class-to-class counts, as 'true -> predicted: n of N true boxes'."""
+def top_confusions(m: Any, names: Sequence[str], k: int = 5) -> list[str]:
+    """The ``k`` largest off-diagonal class-to-class counts of a confusion matrix (array or nested
+    lists, as stored in the JSON), as 'true -> predicted: n of N true boxes'."""
+    m = np.asarray(m)
     nc = len(names)
     off = m[:nc, :nc].copy()
     np.fill_diagonal(off, 0)

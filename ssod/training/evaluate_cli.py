@@ -19,30 +19,39 @@ def evaluate_exported(
     model: str, spec: Any, conf: float = 0.001, iou: float = 0.7, max_det: int = 300, batch: int = 16,
 ) -> dict[str, Any]:
     """COCO mAP, per-class AP, PR curves and confusion matrix of an exported model (ONNX / TensorRT)
-    on ``spec.val``, through the runtime's own pipeline (``ssod_deploy.Detector``: the letterbox,
-    decode and NMS that ``ssod label`` runs), so an FP16 or INT8 export is checked on the user's own
-    val images. A val image that cannot be read gets no detections (its boxes count as missed) and
-    a warning, as in training's evaluation."""
+    on ``spec.val``, through the runtime's ``ssod_deploy.Detector`` (the letterbox, network and NMS
+    that ``ssod label`` runs; images decoded at full size), so an FP16 or INT8 export is checked on
+    the user's own val images. The next batch decodes in a thread while this one runs, so decoding
+    does not stall the model. A val image that cannot be read gets no detections (its boxes count
+    as missed) and a warning, as in training's evaluation."""
     import logging
+    from concurrent.futures import ThreadPoolExecutor
 
     from ssod_deploy.detector import Detector
     from ssod_deploy.evaluate import detections_to_coco
     from ssod_deploy.images import ImageReadError, read_image
 
+    def read(path: str) -> Any:
+        try:
+            return read_image(path)
+        except ImageReadError as e:
+            logging.getLogger("ssod").warning("skipped %s: %s", e.path, e.reason)
+            return None
+
     det = Detector(model, conf=conf, iou=iou, max_det=max_det)
     if list(det.names) != list(spec.names):
         raise ValueError(f"{model}: class names {det.names} differ from the dataset's {list(spec.names)}")
+    paths = [str(s.path) for s in spec.val]
     dets: list[dict[str, Any]] = []
-    for start in range(0, len(spec.val), batch):
-        ids, images = [], []
-        for i, sample in enumerate(spec.val[start:start + batch], start):
-            try:
-                images.append(read_image(sample.path))
-                ids.append(i)
-            except ImageReadError as e:
-                logging.getLogger("ssod").warning("skipped %s: %s", e.path, e.reason)
-        found = det(images)
-        dets += detections_to_coco(ids, [d.boxes for d in found], [d.scores for d in found], [d.labels for d in found])
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(lambda: [read(p) for p in paths[:batch]])
+        for start in range(0, len(paths), batch):
+            images = pending.result()
+            pending = pool.submit(lambda s=start + batch: [read(p) for p in paths[s:s + batch]])
+            ids = [i for i, im in enumerate(images, start) if im is not None]
+            found = det([im for im in images if im is not None])
+            dets += detections_to_coco(ids, [d.boxes for d in found], [d.scores for d in found],
+                                       [d.labels for d in found])
     return score_detections(spec, dets)
 
 

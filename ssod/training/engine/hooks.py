@@ -97,7 +97,7 @@ class MetricsLoggerHook(Hook):
             return
         from ssod_deploy.evaluate import top_confusions
 
-        worst = top_confusions(np.asarray(confusion["matrix"]), confusion["names"], k=3)
+        worst = top_confusions(confusion["matrix"], confusion["names"], k=3)
         if worst:
             LOG.info("most confused (true -> predicted, conf 0.25): %s", "; ".join(worst))
         if self.plots:
