@@ -184,6 +184,8 @@ def forks(entry: tuple) -> bool:
 
 def config(args, data: Path, method: str, method_cfg: dict, name: str, **kw) -> dict:
     kw.setdefault("burn_in_epochs", args.burn_in)
+    if args.aug:
+        kw["aug"] = {**parse_aug(args.aug), **kw.get("aug", {})}
     if method == "supervised" and args.burn_in > 0:
         kw.setdefault("save_period", args.burn_in)  # epoch<burn_in>.pt: the SSOD rows start from it
     return resolve_config(
@@ -193,6 +195,16 @@ def config(args, data: Path, method: str, method_cfg: dict, name: str, **kw) -> 
         val_interval=args.val_interval, seed=args.seed, method_cfg=method_cfg,
         teacher_precision=args.teacher_precision, **kw,
     )
+
+
+def parse_aug(text: str) -> dict:
+    """``--aug`` 'KEY=VALUE[,KEY=VALUE]' as a dict, values read as YAML scalars."""
+    import yaml
+
+    pairs = [item.partition("=") for item in text.split(",") if item.strip()]
+    if any(not sep or not key.strip() for key, sep, _ in pairs):
+        raise SystemExit(f"--aug {text!r}: expected KEY=VALUE[,KEY=VALUE]")
+    return {key.strip(): yaml.safe_load(value) for key, _, value in pairs}
 
 
 def step_cost(args, data: Path, method_name: str = "efficient_teacher", n: int = 20,
@@ -389,6 +401,9 @@ def main(rows: dict = ROWS, cost_methods: tuple[str, ...] = ("efficient_teacher"
     ap.add_argument("--jobs", type=int, default=1,
                     help="rows run as N processes at once (cores // N threads each); SSOD rows start as soon as "
                          "the supervised row has written its burn-in checkpoint")
+    ap.add_argument("--aug", default=None,
+                    help="augmentation settings for every row, KEY=VALUE[,KEY=VALUE] (e.g. mosaic_p=1.0): "
+                         "a table whose supervised burn-in the SSOD rows fork from uses them too")
     ap.add_argument("--run-dir", default=None, help=argparse.SUPPRESS)  # set by --jobs for the supervised row
     ap.set_defaults(**defaults)
     args = ap.parse_args()

@@ -271,6 +271,19 @@ def test_workers_give_the_same_batches(data):
     assert not all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a2, a))
 
 
+def test_mosaic_closes_at_its_epoch(data):
+    """``aug.close_mosaic``: with ``mosaic_p`` 1 every labeled view is a mosaic (identity matrix)
+    before ``mosaic_until_epoch`` and an ordinary view of its own image from then on."""
+    geo = dict(flip_p=0.5, scale=(0.5, 1.5), translate=0.1, degrees=0.0, shear=0.0)
+    ds = LabeledDataset(data["labeled"], S, LabeledAug(**geo, mosaic_p=1.0, mosaic_until_epoch=2), train=True, seed=3)
+    plain = LabeledDataset(data["labeled"], S, LabeledAug(**geo), train=True, seed=3)
+    for i in (0, 1, 4):
+        for epoch in (0, 1):
+            assert torch.equal(ds[(epoch, i)]["M"], torch.eye(3, dtype=ds[(epoch, i)]["M"].dtype))
+        a, b = ds[(2, i)], plain[(2, i)]
+        assert torch.equal(a["img"], b["img"]) and torch.equal(a["boxes"], b["boxes"])
+
+
 def test_strong_labeled_views_start_at_their_epoch_and_keep_the_boxes(data):
     """``aug.strong_labeled_p``: before ``strong_from_epoch`` the labeled views are those of a run
     without the option (a forked burn-in stays valid); after it the pixels change, the boxes not."""

@@ -105,6 +105,11 @@ def test_burn_in_from_refuses_a_different_run(tiny_cfg):
     # the strong view shapes unlabeled images only, which a supervised burn-in never draws
     fork = Trainer(tiny_cfg(method="mean_teacher", aug={"strong_blur_p": 0.0}, burn_in_from=epoch1, **kw))
     assert fork.start_epoch == 1
+    # close_mosaic cannot change views while mosaic is off (checkpoints from before the key fork too)
+    fork = Trainer(tiny_cfg(method="mean_teacher", aug={"close_mosaic": 3}, burn_in_from=epoch1, **kw))
+    assert fork.start_epoch == 1
+    with pytest.raises(ValueError, match="aug="):
+        Trainer(tiny_cfg(method="mean_teacher", aug={"mosaic_p": 1.0}, burn_in_from=epoch1, **kw))
 
 
 def test_val_split_without_boxes_warns_and_best_follows_the_last_epoch(tiny_cfg, tiny_demo, tmp_path, caplog):

@@ -34,6 +34,7 @@ from ssod.training.data.views import (
     make_weak_strong,
     mixup,
     mosaic4,
+    mosaic_view,
     random_affine_matrix,
     shrink,
     source_matrix,
@@ -161,7 +162,7 @@ class LabeledDataset(_ImageSource, Dataset):
             view = warp(img, M @ source_matrix(img, hw), S)
             boxes, cls = filter_boxes(*_boxes_px(self.samples[i], hw), M, S)
         else:
-            if aug.mosaic_p > 0 and rng.random() < aug.mosaic_p:
+            if aug.mosaic_p > 0 and epoch < aug.mosaic_until_epoch and rng.random() < aug.mosaic_p:
                 view, boxes, cls = self._mosaic(i, img, hw, rng, skipped)
                 M = np.eye(3)
             else:
@@ -183,7 +184,7 @@ class LabeledDataset(_ImageSource, Dataset):
         return view, boxes, cls, M
 
     def _mosaic(self, i, img, hw, rng, skipped):
-        """Mosaic of ``i`` and 3 random others, then the usual random affine on top."""
+        """Mosaic of ``i`` and 3 random others, seen through the usual random affine."""
         a, S = self.aug, self.imgsz
         imgs, bxs, cls = [img], [], []
         idx = [i]
@@ -195,10 +196,8 @@ class LabeledDataset(_ImageSource, Dataset):
             b, c = _boxes_px(self.samples[j], im.shape[:2])
             bxs.append(b)
             cls.append(c)
-        canvas, boxes, labels = mosaic4(imgs, bxs, cls, S, rng)
-        M = random_affine_matrix(S, S, S, rng, a.flip_p, a.scale, a.translate, a.degrees, a.shear)
-        boxes, labels = filter_boxes(boxes, labels, M, S)
-        return warp(canvas, M, S), boxes, labels
+        affine = random_affine_matrix(S, S, S, rng, a.flip_p, a.scale, a.translate, a.degrees, a.shear)
+        return mosaic4(imgs, bxs, cls, S, rng, view=mosaic_view(S, affine))
 
     def _val_item(self, i: int, skipped: list[tuple[str, str]]) -> dict[str, Any]:
         S = self.imgsz

@@ -28,7 +28,7 @@ __all__ = [
     "transform_boxes", "clip_boxes", "valid_boxes", "filter_boxes",
     "color_jitter", "to_grayscale", "blur_kernel_size", "gaussian_blur", "cutout",
     "strong_photometric", "augment_hsv",
-    "shrink", "source_matrix", "make_weak_strong", "mosaic4", "mixup",
+    "shrink", "source_matrix", "make_weak_strong", "mosaic4", "mosaic_view", "mixup",
 ]
 
 
@@ -142,12 +142,15 @@ class LabeledAug(GeometryAug):
 
     ``mosaic_p``/``mixup_p`` are available but off by default, so labeled images have the
     same kind of geometry as the strong unlabeled view; turn them on for extra regularisation.
+    Mosaic stops at epoch ``mosaic_until_epoch`` (ultralytics' ``close_mosaic``: the last epochs
+    train on whole images, as validation and the teacher see them).
     """
 
     hsv_h: float = 0.015
     hsv_s: float = 0.7
     hsv_v: float = 0.4
     mosaic_p: float = 0.0
+    mosaic_until_epoch: int = 2**31 - 1
     mixup_p: float = 0.0
     mixup_alpha: float = 32.0
     # the student's strong photometric chain on labeled images too, with probability strong_p from
@@ -477,43 +480,63 @@ def mosaic4(
     cls_list: list[np.ndarray],
     imgsz: int,
     rng: np.random.Generator,
+    view: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Four images around a random centre (ultralytics layout) on one ``imgsz`` canvas.
+    """Ultralytics' 4-image mosaic: objects keep their scale, the view sees a window of the layout.
 
-    Boxes are in pixels of each input image; the result's boxes are in canvas pixels,
-    clipped and filtered. The layout is built on a virtual ``2*imgsz`` canvas with every image
-    scaled to long side ``imgsz`` and then halved, so each image is drawn with one warp.
-    A mosaic has no single original image, hence no matrix: callers record the identity.
+    As ultralytics ``Mosaic``: each image is scaled to long side ``imgsz`` and put in its own
+    quadrant around a centre drawn in ``[imgsz/2, 3*imgsz/2]`` on a ``2*imgsz`` canvas, which clips
+    them; ``view`` maps canvas pixels to the ``imgsz`` output (the caller's random affine, see
+    ``mosaic_view``; None = the central window at scale 1, ultralytics' crop). Halving the canvas
+    instead (ssod before session 35) shrank every object to half size, which hurts the small
+    objects SSOD data is full of. Each image is warped once, straight to the output, and drawn
+    only where its part of the canvas lands. Boxes are in pixels of each input image; the result's
+    boxes are in output pixels, clipped and filtered. A mosaic has no single original image,
+    hence no matrix: callers record the identity.
     """
     if len(images) != 4 or len(boxes_list) != 4 or len(cls_list) != 4:
         raise ValueError("mosaic4 needs exactly 4 images, box arrays and class arrays")
     S = imgsz
+    view = mosaic_view(S) if view is None else np.asarray(view, dtype=np.float64)
     xc, yc = rng.uniform(0.5 * S, 1.5 * S, size=2)
-    canvas = np.full((S, S, 3), PAD_VALUE, dtype=np.uint8)
+    out = np.full((S, S, 3), PAD_VALUE, dtype=np.uint8)
     out_boxes, out_cls = [], []
-    half = np.diag([0.5, 0.5, 1.0])
     for i, (im, bx, cl) in enumerate(zip(images, boxes_list, cls_list)):
         h, w = im.shape[:2]
         r = S / max(h, w)
-        ww, hh = w * r, h * r
-        x0 = xc - ww if i in (0, 2) else xc  # 0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right
-        y0 = yc - hh if i in (0, 1) else yc
-        M = half @ np.array([[r, 0, x0], [0, r, y0], [0, 0, 1]], dtype=np.float64)
-        # Draw only inside this image's own footprint (its quadrant), so tiles never overlap.
-        tile = warp(im, M, S)
-        fx1, fy1, fx2, fy2 = transform_boxes(np.array([[0, 0, w, h]]), M)[0]
-        xa, ya = max(int(round(fx1)), 0), max(int(round(fy1)), 0)
-        xb, yb = min(int(round(fx2)), S), min(int(round(fy2)), S)
-        if xb > xa and yb > ya:
-            canvas[ya:yb, xa:xb] = tile[ya:yb, xa:xb]
-        b, c = filter_boxes(bx, cl, M, S)
+        x0 = xc - w * r if i in (0, 2) else xc  # 0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right
+        y0 = yc - h * r if i in (0, 1) else yc
+        # the part of the image inside the canvas, in source pixels (whole pixels, rounded outwards)
+        sx1, sy1 = max(0, int(np.floor(-x0 / r))), max(0, int(np.floor(-y0 / r)))
+        sx2, sy2 = min(w, int(np.ceil((2 * S - x0) / r))), min(h, int(np.ceil((2 * S - y0) / r)))
+        if sx2 <= sx1 or sy2 <= sy1:
+            continue
+        to_canvas = np.array([[r, 0, x0], [0, r, y0], [0, 0, 1]], dtype=np.float64)
+        M = view @ to_canvas @ np.array([[1, 0, sx1], [0, 1, sy1], [0, 0, 1]], dtype=np.float64)
+        crop = np.ascontiguousarray(im[sy1:sy2, sx1:sx2])
+        drawn = warp(np.full(crop.shape[:2], 255, np.uint8), M, S, pad_value=0) > 127
+        out[drawn] = warp(crop, M, S)[drawn]
+        canvas_boxes = clip_boxes(transform_boxes(bx, to_canvas), 2 * S)
+        keep = (canvas_boxes[:, 2] > canvas_boxes[:, 0]) & (canvas_boxes[:, 3] > canvas_boxes[:, 1])
+        b, c = filter_boxes(canvas_boxes[keep], np.asarray(cl, dtype=np.int64).reshape(-1)[keep], view, S)
         out_boxes.append(b)
         out_cls.append(c)
     return (
-        canvas,
-        np.concatenate(out_boxes).astype(np.float32).reshape(-1, 4),
-        np.concatenate(out_cls).astype(np.int64),
+        out,
+        np.concatenate(out_boxes or [np.zeros((0, 4))]).astype(np.float32).reshape(-1, 4),
+        np.concatenate(out_cls or [np.zeros(0)]).astype(np.int64),
     )
+
+
+def mosaic_view(imgsz: int, affine: np.ndarray | None = None) -> np.ndarray:
+    """Canvas (``2*imgsz``) -> output matrix: the centre window, then ``affine`` about the output centre.
+
+    ``affine`` is a ``random_affine_matrix(imgsz, imgsz, imgsz, ...)`` draw (its letterbox is the
+    identity), so a mosaic gets the same flip / scale / shift ranges as any other labeled view,
+    about the mosaic's centre as ultralytics' ``RandomPerspective(border=-imgsz/2)`` does.
+    """
+    window = np.array([[1, 0, -imgsz / 2], [0, 1, -imgsz / 2], [0, 0, 1]], dtype=np.float64)
+    return (np.eye(3) if affine is None else np.asarray(affine, dtype=np.float64)) @ window
 
 
 def mixup(

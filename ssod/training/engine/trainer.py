@@ -107,11 +107,15 @@ def schedule_summary(
 
 
 def _fork_settings(cfg: dict) -> dict:
-    """``Trainer.FORK_KEYS`` of a config; ``aug`` without the strong-view keys (``strong_*``), which
-    shape only unlabeled views and so cannot change a supervised burn-in."""
+    """``Trainer.FORK_KEYS`` of a config; ``aug`` without the keys that cannot change a supervised
+    burn-in: the strong-view keys (``strong_*``, unlabeled views only) and ``close_mosaic`` when
+    mosaic is off."""
     out = {k: cfg.get(k) for k in Trainer.FORK_KEYS}
     if isinstance(out["aug"], dict):
-        out["aug"] = {k: v for k, v in out["aug"].items() if not k.startswith("strong_")}
+        aug = {k: v for k, v in out["aug"].items() if not k.startswith("strong_")}
+        if not aug.get("mosaic_p"):
+            aug.pop("close_mosaic", None)
+        out["aug"] = aug
     return out
 
 
@@ -215,6 +219,7 @@ class Trainer:
             self.spec.train, cfg["imgsz"],
             LabeledAug(**geo, hsv_h=aug["hsv_h"], hsv_s=aug["hsv_s"], hsv_v=aug["hsv_v"],
                        mosaic_p=aug["mosaic_p"], mixup_p=aug["mixup_p"],
+                       mosaic_until_epoch=max(0, cfg["epochs"] - int(aug.get("close_mosaic") or 0)),
                        strong=labeled_strong(aug, geo) if aug.get("strong_labeled_p") else None,
                        strong_p=float(aug.get("strong_labeled_p") or 0.0),
                        strong_from_epoch=self.burn_in_epochs),
