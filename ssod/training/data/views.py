@@ -515,7 +515,7 @@ def mosaic4(
         M = view @ to_canvas @ np.array([[1, 0, sx1], [0, 1, sy1], [0, 0, 1]], dtype=np.float64)
         crop = np.ascontiguousarray(im[sy1:sy2, sx1:sx2])
         drawn = warp(np.full(crop.shape[:2], 255, np.uint8), M, S, pad_value=0) > 127
-        out[drawn] = warp(crop, M, S)[drawn]
+        np.copyto(out, warp(crop, M, S), where=drawn[..., None])
         canvas_boxes = clip_boxes(transform_boxes(bx, to_canvas), 2 * S)
         keep = (canvas_boxes[:, 2] > canvas_boxes[:, 0]) & (canvas_boxes[:, 3] > canvas_boxes[:, 1])
         b, c = filter_boxes(canvas_boxes[keep], np.asarray(cl, dtype=np.int64).reshape(-1)[keep], view, S)
