@@ -133,6 +133,25 @@ def data_demo(
     typer.echo(f"wrote {yaml_path}")
 
 
+@data_app.command("init")
+@clean_errors
+def data_init(
+    labeled: Path = typer.Argument(..., help="Folder of YOLO-labeled images (labels/ next to images/, or a .txt beside each image)."),
+    unlabeled: list[Path] = typer.Option([], "--unlabeled", "-u", help="Folder of unlabeled images (repeatable)."),
+    out: Path = typer.Option(Path("data.yaml"), help="The data.yaml to write (its split lists go next to it)."),
+    val: float = typer.Option(0.2, help="Fraction of the labeled images held out for validation."),
+    names: Optional[Path] = typer.Option(None, help="Class-name file, one per line (default: classes.txt / obj.names near the images)."),
+    force: bool = typer.Option(False, help="Overwrite an existing YAML and split lists."),
+) -> None:
+    """Write a data.yaml for a labeled folder (a hash-stable train/val split) and unlabeled folders."""
+    from ssod.training.data.scaffold import init_dataset
+
+    path, spec = init_dataset(labeled, unlabeled, out, val_fraction=val, names_file=names, force=force)
+    for line in spec.summary():
+        typer.echo(line)
+    typer.echo(f"wrote {path}: ssod train --data {path} --method efficient_teacher")
+
+
 def _register_runtime_commands() -> None:
     """Commands implemented next to their code (export, label, merge), wrapped for clean errors."""
     from ssod_deploy.label.cli import label_command, merge_command
