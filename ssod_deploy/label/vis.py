@@ -51,12 +51,13 @@ def _dashed_rect(draw: ImageDraw.ImageDraw, box: tuple[float, float, float, floa
 def draw_detections(
     img: np.ndarray,
     boxes: np.ndarray,
-    scores: np.ndarray,
+    scores: np.ndarray | None,
     labels: np.ndarray,
     uncertain: np.ndarray,
     names: list[str],
 ) -> Image.Image:
-    """RGB ``img`` with xyxy ``boxes`` (pixels of ``img``) drawn; uncertain ones dashed."""
+    """RGB ``img`` with xyxy ``boxes`` (pixels of ``img``) drawn; uncertain ones dashed.
+    ``scores`` None (ground truth): captions carry the class name only."""
     im = Image.fromarray(np.ascontiguousarray(img)).convert("RGB")
     draw = ImageDraw.Draw(im)
     side = max(im.size)
@@ -65,7 +66,7 @@ def draw_detections(
         font = ImageFont.load_default(size=max(10, side // 50))
     except TypeError:  # Pillow < 10.1: fixed-size bitmap font
         font = ImageFont.load_default()
-    order = np.argsort(np.asarray(scores), kind="stable")  # strongest drawn last, on top
+    order = np.arange(len(labels)) if scores is None else np.argsort(np.asarray(scores), kind="stable")  # strongest on top
     for k in order:
         x1, y1, x2, y2 = (float(v) for v in boxes[k])
         c = int(labels[k])
@@ -73,10 +74,10 @@ def draw_detections(
         name = names[c] if 0 <= c < len(names) else str(c)
         if uncertain[k]:
             _dashed_rect(draw, (x1, y1, x2, y2), color, width, dash=max(3, 3 * width))
-            text = f"{name}? {float(scores[k]):.2f}"
+            name += "?"
         else:
             draw.rectangle((x1, y1, x2, y2), outline=color, width=width)
-            text = f"{name} {float(scores[k]):.2f}"
+        text = name if scores is None else f"{name} {float(scores[k]):.2f}"
         tb = draw.textbbox((x1, y1), text, font=font)
         ty = y1 - (tb[3] - tb[1]) - 2 if y1 - (tb[3] - tb[1]) - 2 >= 0 else y1
         tb = draw.textbbox((x1, ty), text, font=font)

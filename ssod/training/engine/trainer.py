@@ -186,6 +186,7 @@ class Trainer:
         self.is_best = False
         self.last_eval: dict[str, Any] | None = None
         self.forked_from: Path | None = None
+        self.batch: tuple[dict, dict | None] | None = None  # this step's (labeled, unlabeled) batch, for hooks
         if ckpt is not None:
             self._restore(ckpt)
         elif cfg.get("burn_in_from"):
@@ -204,6 +205,10 @@ class Trainer:
             MetricsLoggerHook(self.run_dir, plots=cfg["plots"]),
             CheckpointHook(),
         ]
+        if cfg["plots"]:
+            from ssod.training.engine.previews import PreviewHook
+
+            self.hooks.append(PreviewHook(self.run_dir, list(self.names)))
 
     # ----------------------------------------------------------------------------- building
     def _build_data(self) -> None:
@@ -317,6 +322,7 @@ class Trainer:
             with progress_bar(len(self.loader), f"epoch {self.epoch + 1}/{self.epochs}") as bar:
                 for labeled, unlabeled in self.loader.epoch(self.epoch, with_unlabeled=use_unlabeled):
                     skipped += self._report_skipped(labeled, unlabeled)
+                    self.batch = (labeled, unlabeled)
                     self._call("before_step")
                     lr = self.set_lr()
                     self.method.ssod_epochs = self.iteration / len(self.loader) - self.burn_in_epochs
@@ -324,6 +330,7 @@ class Trainer:
                     step_logs.append(logs)
                     self.iteration += 1
                     self._call("after_step")
+                    self.batch = None
                     bar.advance(fmt_losses(logs))
             self.epoch_metrics.update({f"train/{k}": v for k, v in mean_dict(step_logs).items()})
             self.epoch_metrics["lr"] = lr

@@ -48,6 +48,17 @@ class Method:
         self.ssod_epochs = 0.0  # epochs (fractional, per step) since pseudo labels started (set by the trainer)
         # Extra per-step numbers to log (not summed into the loss), e.g. loss parts.
         self.step_log: dict[str, float] = {}
+        # The student's pseudo-labeled images and targets of this step, kept only when a hook asks
+        # (``capture_targets``; the preview pictures), via ``record_targets``.
+        self.capture_targets = False
+        self.captured_targets: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
+
+    def record_targets(self, images: torch.Tensor, targets: dict[str, torch.Tensor]) -> None:
+        """Keep the strong images and the pseudo boxes placed on them (``boxes``, ``labels``,
+        ``scores``, ``batch_idx``, optionally ``reliable``) when a hook asked for this step's."""
+        if self.capture_targets:
+            self.captured_targets = (images.detach(), {k: v.detach() for k, v in targets.items()
+                                                       if isinstance(v, torch.Tensor)})
 
     def losses(
         self,

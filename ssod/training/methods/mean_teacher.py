@@ -77,6 +77,7 @@ class MeanTeacher(MeteredMethod):
         self.meter.add_quality("pl", weak, unlabeled, iou=c["quality_iou"])
         strong = weak_to_strong(weak, unlabeled, c["min_box_size"], c["min_visible"])
         self.meter.add_count("pl_boxes", len(strong["scores"]))
+        self.record_targets(unlabeled["strong"], strong)
         unsup, uparts = student.loss(pseudo_batch(strong, unlabeled))
         self.step_log.update({f"unsup_{k}": float(v) for k, v in uparts.items()})
         lam = self.unsup_weight()

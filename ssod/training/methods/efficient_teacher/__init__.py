@@ -410,6 +410,7 @@ class EfficientTeacher(Method):
             c["strong_mix"], unlabeled["strong"].to(labeled["img"].dtype), strong, ignore, labeled["img"], labeled_t,
             c["strong_mix_p"], c["min_box_size"], c["min_visible"],
         )
+        self.record_targets(strong_img, strong)
 
         # 3. one student forward on labeled + strong images
         bl = int(labeled["img"].shape[0])

@@ -139,6 +139,7 @@ def two_stage_losses(
     n_rel, n_unc = len(reliable["scores"]), len(uncertain["scores"])
     m.meter.add_count("pl_reliable", n_rel)
     m.meter.add_count("pl_uncertain", n_unc)
+    m.record_targets(unlabeled["strong"], strong)
 
     img = torch.cat((labeled["img"], unlabeled["strong"].to(labeled["img"].dtype)), 0)
     images = student.prepare(img)

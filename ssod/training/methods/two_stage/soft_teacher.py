@@ -133,6 +133,7 @@ class SoftTeacher(SeededStepMethod):
         n_cls, n_reg = int(strong["is_cls"].sum()), int(strong["is_reg"].sum())
         self.meter.add_count("pl_cls", n_cls)
         self.meter.add_count("pl_reg", n_reg)
+        self.record_targets(strong_img, {**strong, "reliable": strong["is_cls"]})  # class labels solid
 
         # 2. student RPN on the strong view, class-agnostic pseudo boxes G_cls
         images_s = student.prepare(strong_img)
