@@ -149,7 +149,11 @@ def data_init(
     path, spec = init_dataset(labeled, unlabeled, out, val_fraction=val, names_file=names, force=force)
     for line in spec.summary():
         typer.echo(line)
-    typer.echo(f"wrote {path}: ssod train --data {path} --method efficient_teacher")
+    if spec.unlabeled:
+        typer.echo(f"wrote {path}: ssod train --data {path} --method efficient_teacher")
+    else:
+        typer.echo(f"wrote {path} without unlabeled images (--unlabeled DIR adds them for the SSOD methods): "
+                   f"ssod train --data {path}")
 
 
 def _register_runtime_commands() -> None:

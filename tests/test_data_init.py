@@ -42,7 +42,7 @@ def test_label_studio_export_gets_a_yaml_training_accepts(tiny_demo, tmp_path, c
     assert len(spec.unlabeled) == len(list(unlabeled.iterdir()))
     assert "1 of 16 images have no label file" in caplog.text
     # the lists are relative to the YAML's folder (the dataset moves with it), the outside folder absolute
-    assert (tmp_path / "ls" / "data.train.txt").read_text().startswith("images/")
+    assert (tmp_path / "ls" / "data.train.txt").read_text().startswith("./images/")
     assert str(unlabeled) in path.read_text()
     assert load_dataset(path).names == DIGITS
     with pytest.raises(DatasetError, match="exists; pass --force"):

@@ -92,8 +92,8 @@ def init_dataset(
                     "images (no objects); if they are just not labeled yet, move them to an unlabeled folder")
 
     for s, path in lists.items():
-        with atomic_output(path) as f:
-            f.writelines(f"{_relative(p, path.parent)}\n" for p in split[s])
+        with atomic_output(path) as f:  # './' as ultralytics writes: a name starting with '#' is no comment
+            f.writelines(f"{_listed(p, path.parent)}\n" for p in split[s])
     lines = [
         f"# written by `ssod data init {labeled}`: {len(split['train'])} train / {len(split['val'])} val images "
         f"(val fraction {val_fraction:g}, by a hash of each relative path: adding images keeps the others' split)",
@@ -136,6 +136,12 @@ def _names(labeled: Path, names_file: str | os.PathLike | None, label_images: li
 def _relative(path: Path, start: Path) -> str:
     """``path`` relative to ``start`` when it lies inside it (it moves with the YAML), else absolute."""
     return path.relative_to(start).as_posix() if path.is_relative_to(start) else str(path)
+
+
+def _listed(path: Path, start: Path) -> str:
+    """A split-list line: ``./`` + the path relative to the list's folder, or the absolute path."""
+    rel = _relative(path, start)
+    return rel if os.path.isabs(rel) else f"./{rel}"
 
 
 def _quote(text: str) -> str:
