@@ -230,6 +230,13 @@ class Trainer:
                        strong_from_epoch=self.burn_in_epochs),
             train=True, seed=cfg["seed"],
         )
+        until, closed = labeled.aug.mosaic_until_epoch, int(aug.get("close_mosaic") or 0)
+        if labeled.aug.mosaic_p > 0 and until > 0:
+            LOG.info("mosaic on labeled images (p %g) for epochs 1-%d, whole images after (close_mosaic %d)",
+                     labeled.aug.mosaic_p, until, closed)
+        elif labeled.aug.mosaic_p > 0:
+            LOG.warning("aug.mosaic_p is %g but close_mosaic %d >= epochs %d: no epoch uses mosaic",
+                        labeled.aug.mosaic_p, closed, cfg["epochs"])
         unlabeled = None
         if self.method.uses_unlabeled:
             if not self.spec.unlabeled:
