@@ -3,11 +3,10 @@
 * ``train_batch0.jpg``: the first labeled batch as the student sees it (augmentation, mosaic,
   boxes), as ultralytics writes: wrong labels or a bad augmentation show at a glance.
 * ``pseudo_batch_epoch<N>.jpg`` (SSOD methods that place pseudo boxes; not dtg, whose targets are
-  dense): the strong views of the
-  first step of the first SSOD epoch and of the last epoch, with the teacher's pseudo boxes as
-  the loss receives them: reliable labels solid, uncertain ones dashed with a '?' (the same
-  drawing as ``ssod label --save-vis``). Whether the thresholds, the cutouts and the teacher are
-  sane is easier to see than to read from a CSV.
+  dense): the strong views of the first step of the first SSOD epoch and of the last epoch, with
+  the teacher's pseudo boxes as the loss receives them: reliable labels solid, uncertain ones
+  dashed with a '?' (the same drawing as ``ssod label --save-vis``). Whether the thresholds, the
+  cutouts and the teacher are sane is easier to see than to read from a CSV.
 """
 
 from __future__ import annotations
