@@ -19,14 +19,15 @@ DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight"
 def _export(tiny_demo: Path, dst: Path, side_by_side: bool = False) -> tuple[Path, list[Path]]:
     """The tiny demo's labeled train images as a Label Studio (images/ + labels/) or CVAT (side by side) export."""
     src = tiny_demo.parent
-    images = sorted(p for p in (src / "images" / "train").iterdir() if (src / "labels" / "train" / f"{p.stem}.txt").exists())
+    labels = src / "labels" / "train"
+    images = sorted(p for p in (src / "images" / "train").iterdir() if (labels / f"{p.stem}.txt").exists())
     img_dir = dst / ("obj_train_data" if side_by_side else "images")
     lab_dir = img_dir if side_by_side else dst / "labels"
     img_dir.mkdir(parents=True)
     lab_dir.mkdir(parents=True, exist_ok=True)
     for p in images:
         shutil.copy(p, img_dir / p.name)
-        shutil.copy(src / "labels" / "train" / f"{p.stem}.txt", lab_dir / f"{p.stem}.txt")
+        shutil.copy(labels / f"{p.stem}.txt", lab_dir / f"{p.stem}.txt")
     return img_dir, images
 
 

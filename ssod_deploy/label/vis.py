@@ -66,7 +66,8 @@ def draw_detections(
         font = ImageFont.load_default(size=max(10, side // 50))
     except TypeError:  # Pillow < 10.1: fixed-size bitmap font
         font = ImageFont.load_default()
-    order = np.arange(len(labels)) if scores is None else np.argsort(np.asarray(scores), kind="stable")  # strongest on top
+    # strongest drawn last, on top
+    order = np.arange(len(labels)) if scores is None else np.argsort(np.asarray(scores), kind="stable")
     for k in order:
         x1, y1, x2, y2 = (float(v) for v in boxes[k])
         c = int(labels[k])

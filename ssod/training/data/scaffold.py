@@ -127,7 +127,8 @@ def _names(labeled: Path, names_file: str | os.PathLike | None, label_images: li
             if head and head[0].isdigit():
                 top = max(top, int(head[0]))
     if top < 0:
-        raise DatasetError(f"{labeled}: the label files hold no boxes and no class-name file was found ({', '.join(NAME_FILES)})")
+        raise DatasetError(f"{labeled}: the label files hold no boxes and no class-name file was found "
+                           f"({', '.join(NAME_FILES)})")
     log.warning(f"{labeled}: no class-name file ({', '.join(NAME_FILES)}); classes named 0..{top} from the labels' ids "
                 "(edit `names:` in the YAML, or pass --names FILE)")
     return [str(i) for i in range(top + 1)]

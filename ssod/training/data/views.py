@@ -488,7 +488,7 @@ def mosaic4(
     quadrant around a centre drawn in ``[imgsz/2, 3*imgsz/2]`` on a ``2*imgsz`` canvas, which clips
     them; ``view`` maps canvas pixels to the ``imgsz`` output (the caller's random affine, see
     ``mosaic_view``; None = the central window at scale 1, ultralytics' crop). Halving the canvas
-    instead (ssod before session 35) shrank every object to half size, which hurts the small
+    instead (ssod's first mosaic did) shrinks every object to half size, which hurts the small
     objects SSOD data is full of. Each image is warped once, straight to the output, and drawn
     only where its part of the canvas lands. Boxes are in pixels of each input image; the result's
     boxes are in output pixels, clipped and filtered. A mosaic has no single original image,
