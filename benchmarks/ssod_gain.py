@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from ssod.config import resolve_config
+from ssod.config import parse_overrides, resolve_config
 from ssod.training.data.demo import make_demo_dataset
 from ssod.training.engine.plots import save_figure
 from ssod.training.engine.trainer import Trainer, next_run_dir
@@ -185,7 +185,7 @@ def forks(entry: tuple) -> bool:
 def config(args, data: Path, method: str, method_cfg: dict, name: str, **kw) -> dict:
     kw.setdefault("burn_in_epochs", args.burn_in)
     if args.aug:
-        kw["aug"] = {**parse_aug(args.aug), **kw.get("aug", {})}
+        kw["aug"] = {**parse_overrides([a for a in args.aug.split(",") if a.strip()], "--aug"), **kw.get("aug", {})}
     if method == "supervised" and args.burn_in > 0:
         kw.setdefault("save_period", args.burn_in)  # epoch<burn_in>.pt: the SSOD rows start from it
     return resolve_config(
@@ -195,16 +195,6 @@ def config(args, data: Path, method: str, method_cfg: dict, name: str, **kw) -> 
         val_interval=args.val_interval, seed=args.seed, method_cfg=method_cfg,
         teacher_precision=args.teacher_precision, **kw,
     )
-
-
-def parse_aug(text: str) -> dict:
-    """``--aug`` 'KEY=VALUE[,KEY=VALUE]' as a dict, values read as YAML scalars."""
-    import yaml
-
-    pairs = [item.partition("=") for item in text.split(",") if item.strip()]
-    if any(not sep or not key.strip() for key, sep, _ in pairs):
-        raise SystemExit(f"--aug {text!r}: expected KEY=VALUE[,KEY=VALUE]")
-    return {key.strip(): yaml.safe_load(value) for key, _, value in pairs}
 
 
 def step_cost(args, data: Path, method_name: str = "efficient_teacher", n: int = 20,

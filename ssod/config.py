@@ -34,18 +34,20 @@ def deep_update(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+def parse_overrides(items: list[str] | None, option: str = "--set") -> dict[str, Any]:
     """``["lambda_u=1.0", "adaptive_thresholds=false"]`` -> a dict, each value read as YAML (numbers,
-    booleans, lists), as ultralytics reads ``key=value`` arguments. Keys are checked by the method."""
+    booleans, lists), as ultralytics reads ``key=value`` arguments. Keys are checked by the method.
+    ``option`` names the flag in errors."""
     out: dict[str, Any] = {}
     for item in items or []:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. --set lambda_u=1.0")
+            example = ", e.g. --set lambda_u=1.0" if option == "--set" else ""
+            raise ValueError(f"{option} {item!r}: expected KEY=VALUE{example}")
         try:
             out[key.strip()] = yaml.safe_load(text)
         except yaml.YAMLError:
-            raise ValueError(f"--set {item!r}: value is not valid YAML") from None
+            raise ValueError(f"{option} {item!r}: value is not valid YAML") from None
     return out
 
 

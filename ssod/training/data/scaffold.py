@@ -40,8 +40,12 @@ NAME_FILES = ("classes.txt", "obj.names", "names.txt", "classes.names")
 
 def split_of(relative_path: str, val_fraction: float) -> str:
     """'val' or 'train' for an image, from a hash of its relative path (stable as the folder grows)."""
-    h = int.from_bytes(hashlib.sha1(relative_path.encode("utf-8", "surrogateescape")).digest()[:8], "big")
-    return "val" if h / 2**64 < val_fraction else "train"
+    return "val" if _path_hash(relative_path) < val_fraction else "train"
+
+
+def _path_hash(relative_path: str) -> float:
+    """A uniform number in [0, 1) fixed by the path."""
+    return int.from_bytes(hashlib.sha1(relative_path.encode("utf-8", "surrogateescape")).digest()[:8], "big") / 2**64
 
 
 def init_dataset(
@@ -81,7 +85,7 @@ def init_dataset(
     for p, key in zip(images, keys):
         split[split_of(key, val_fraction)].append(p)
     if not split["val"]:  # a handful of images: the one with the smallest hash goes to val
-        first = min(range(len(images)), key=lambda i: hashlib.sha1(keys[i].encode("utf-8", "surrogateescape")).digest())
+        first = min(range(len(images)), key=lambda i: _path_hash(keys[i]))
         split["val"].append(images[first])
         split["train"].remove(images[first])
     if not split["train"]:

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ssod.training.engine.hooks import Hook
-from ssod_deploy.label.vis import draw_detections
+from ssod.training.engine.hooks import LOG, Hook
+from ssod_deploy.label.vis import draw_detections, shrink_for_vis
 
 if TYPE_CHECKING:
     from ssod.training.engine.trainer import Trainer
@@ -40,7 +40,7 @@ class PreviewHook(Hook):
     def _pseudo_epochs(self, trainer: "Trainer") -> set[int]:
         if not trainer.method.uses_unlabeled:
             return set()
-        return {max(trainer.burn_in_epochs, 0), trainer.epochs - 1}
+        return {trainer.burn_in_epochs, trainer.epochs - 1}
 
     def before_epoch(self, trainer: "Trainer") -> None:
         self._step_in_epoch = 0
@@ -50,6 +50,15 @@ class PreviewHook(Hook):
                                           and not trainer.method.burn_in)
 
     def after_step(self, trainer: "Trainer") -> None:
+        try:
+            self._write(trainer)
+        except Exception as e:  # a picture must never end a training run
+            LOG.warning("could not write a preview picture: %s", e)
+        trainer.method.captured_targets = None
+        trainer.method.capture_targets = False
+        self._step_in_epoch += 1
+
+    def _write(self, trainer: "Trainer") -> None:
         first = self.run_dir / "train_batch0.jpg"
         if self._step_in_epoch == 0 and not first.exists() and trainer.batch is not None:
             lab = trainer.batch[0]
@@ -62,9 +71,6 @@ class PreviewHook(Hook):
             reliable = t.get("reliable", torch.ones_like(t["scores"], dtype=torch.bool))
             batch_grid(img, t["boxes"], t["labels"], t["scores"], t["batch_idx"], ~reliable.bool(), self.names,
                        self.run_dir / f"pseudo_batch_epoch{trainer.epoch + 1}.jpg", self.max_images)
-            trainer.method.captured_targets = None
-        trainer.method.capture_targets = False
-        self._step_in_epoch += 1
 
 
 def batch_grid(
@@ -80,10 +86,10 @@ def batch_grid(
     cells = []
     for i, im in enumerate(images):
         rgb = (im.permute(1, 2, 0).numpy().clip(0, 1) * 255 + 0.5).astype(np.uint8)
-        r = max(1, CELL // max(rgb.shape[:2]))
-        rgb = np.repeat(np.repeat(rgb, r, 0), r, 1)  # nearest-neighbour enlargement: pixels stay pixels
+        big = shrink_for_vis(rgb, max_side=max(CELL, *rgb.shape[:2]), min_side=CELL)  # nearest: pixels stay pixels
+        r = big.shape[1] / rgb.shape[1]
         k = batch_idx == i
-        cells.append(np.asarray(draw_detections(rgb, boxes[k] * r, None if scores is None else scores[k], labels[k],
+        cells.append(np.asarray(draw_detections(big, boxes[k] * r, None if scores is None else scores[k], labels[k],
                                                 uncertain[k], names)))
     if not cells:
         raise ValueError("batch_grid: an empty batch")
